@@ -1,0 +1,251 @@
+"""The ``amdim`` command line.
+
+Every user mistake (bad ``--set``, missing data, corrupt checkpoint, a GPU asked for where none
+exists) ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from amdim.errors import UserError
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, data_default: str | None = None) -> None:
+    p.add_argument("--preset", default="tiny", help="starting configuration (see `amdim config --list`)")
+    p.add_argument("--data", default=data_default, help="data spec: synthetic, cifar10:ROOT, npz:PATH, ...")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (overrides train.epochs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key",
+    )
+
+
+def build_config(args: argparse.Namespace):
+    """Preset + ``--data``/``--epochs`` + ``--set`` overrides, validated."""
+    from amdim.config import parse_set_args, preset, with_overrides
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "data", None):
+        overrides["data.spec"] = args.data
+    if getattr(args, "epochs", None) is not None:
+        overrides["train.epochs"] = args.epochs
+    overrides.update(parse_set_args(args.overrides))
+    return with_overrides(preset(args.preset), overrides)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from amdim.config import PRESETS, to_flat
+
+    if args.list:
+        print("\n".join(PRESETS))
+        return 0
+    flat = to_flat(build_config(args))
+    if args.json:
+        print(json.dumps(flat, indent=2))
+    else:
+        width = max(map(len, flat))
+        for key, value in flat.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def train_local(cfg, out: Path, *, resume: bool, probe: bool, log=print) -> dict[str, Any]:
+    """Train in this process, checkpoint every epoch to ``out``, then run the offline probe."""
+    from amdim import checkpoint as ckpt_io
+    from amdim import data as data_mod
+    from amdim import trainer
+    from amdim.config import to_flat
+    from amdim.linear_eval import evaluate_encoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    payload = None
+    if resume and ckpt_path.exists():
+        payload = ckpt_io.load(ckpt_path)
+        if payload["config"] != {**to_flat(cfg), "train.epochs": payload["config"]["train.epochs"]}:
+            raise UserError(f"{ckpt_path} was trained with a different configuration; use another --out")
+        log(f"resuming from {ckpt_path} at epoch {payload['epoch']}")
+    (out / "config.json").write_text(json.dumps(to_flat(cfg), indent=2) + "\n")
+    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+
+    t0 = time.perf_counter()
+
+    def save(metrics: dict[str, float], make_payload) -> None:
+        ckpt_io.save(ckpt_path, make_payload())
+
+    state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log)
+    train_time = time.perf_counter() - t0
+    final = trainer.checkpoint_payload(cfg, state, bundle.n_classes)
+    ckpt_io.save(ckpt_path, final)  # also covers --epochs 0: the randomly initialised baseline
+
+    result: dict[str, Any] = {
+        "config": to_flat(cfg),
+        "epochs": state.epoch,
+        "history": state.history,
+        "train_time_s": train_time,
+        "checkpoint": str(ckpt_path),
+    }
+    if probe:
+        device = trainer.resolve_device(cfg.train.device)
+        t1 = time.perf_counter()
+        result["probe"] = evaluate_encoder(state.core.encoder, bundle, cfg, device)
+        result["probe"]["time_s"] = time.perf_counter() - t1
+    _write_json(out / "metrics.json", result)
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.smoke_test:
+        from amdim.config import with_overrides
+
+        cfg = with_overrides(cfg, {"train.epochs": 1, "train.max_steps_per_epoch": 2, "probe.epochs": 2})
+    out = Path(args.out or f"runs/train-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.local:
+        raise UserError("the Ray Train path is not available in this build; run with --local")
+    result = train_local(cfg, out, resume=args.resume, probe=not args.no_probe)
+    if "probe" in result:
+        p = result["probe"]
+        print(
+            f"linear probe ({p['protocol']}): test accuracy {p['test_accuracy']:.4f} "
+            f"(val {p['val_accuracy']:.4f}, lr {p['lr']:g}, wd {p['weight_decay']:g}) "
+            f"after {result['epochs']} epochs"
+        )
+    print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from amdim import checkpoint as ckpt_io
+    from amdim import data as data_mod
+    from amdim import trainer
+    from amdim.config import parse_set_args, with_overrides
+    from amdim.linear_eval import evaluate_encoder
+
+    payload = ckpt_io.load(args.checkpoint)
+    device = trainer.resolve_device(args.device)
+    model, cfg = trainer.model_from_checkpoint(payload, device)
+    overrides = parse_set_args(args.overrides)
+    if args.data:
+        overrides["data.spec"] = args.data
+    cfg = with_overrides(cfg, overrides)
+    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    result = evaluate_encoder(model.encoder, bundle, cfg, device)
+    result.update({"checkpoint": str(args.checkpoint), "epoch": int(payload["epoch"]), "data": cfg.data.spec})
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+    else:
+        print(f"{result['protocol']}: test accuracy {result['test_accuracy']:.4f} on {cfg.data.spec}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import torch
+
+    from amdim import checkpoint as ckpt_io
+    from amdim import data as data_mod
+    from amdim import trainer
+    from amdim.mixture import save_segmentation_grid, segment
+    from amdim.nce import mix_alpha
+
+    payload = ckpt_io.load(args.checkpoint)
+    device = trainer.resolve_device(args.device)
+    model, cfg = trainer.model_from_checkpoint(payload, device)
+    if model.mixture is None:
+        raise UserError(f"{args.checkpoint} was trained without mixtures (loss.n_mix=1): nothing to segment")
+    spec = args.data or cfg.data.spec
+    bundle = data_mod.load_data(spec, cfg.model.image_size)
+    n = min(args.n, len(bundle.test_labels))
+    x, _ = next(iter(data_mod.eval_loader(
+        bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, n, bundle.mean, bundle.std
+    )))  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        r1, _, r7 = model.encoder(x.to(device))
+        assign = segment(r1, r7, model.mixture, mix_alpha(cfg.loss), tclip=cfg.loss.tclip)
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
+    images = (x * std + mean).clamp(0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_segmentation_grid(images, assign.cpu(), out, cfg.loss.n_mix)
+    print(f"wrote {out} ({n} images, {cfg.loss.n_mix} components)")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amdim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train AMDIM, then run the offline linear probe")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (checkpoint.pt, metrics.json); default runs/train-...")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe")
+    p.add_argument("--smoke-test", action="store_true", help="one epoch of two steps, a 2-epoch probe")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print every config key with its value")
+    _add_config_args(p)
+    p.add_argument("--list", action="store_true", help="list the preset names")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("probe", help="offline linear probe of a checkpoint's frozen encoder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("segment", help="write mixture-component maps over test images as a PNG grid")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="data spec (default: the checkpoint's)")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"amdim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("amdim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

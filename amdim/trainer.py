@@ -1,0 +1,340 @@
+"""The AMDIM training loop, single process or one rank of a data-parallel group.
+
+The loop reads top to bottom: build data, model, optimiser and schedule; optionally restore a
+checkpoint; then for every epoch train, evaluate the online probes on the test set, all-reduce the
+metrics and hand them (with a checkpoint payload) to ``on_epoch_end``. The local CLI path saves the
+payload to ``DIR/checkpoint.pt``; the Ray Train path reports it through Ray. Nothing here imports
+Ray or MLflow.
+
+Reproducibility: every epoch reseeds torch from (seed, epoch, rank), and the data order and the
+batched augmentation draw from generators seeded the same way, so resuming from an epoch-boundary
+checkpoint replays the next step exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from amdim import checkpoint as ckpt_io
+from amdim import data as data_mod
+from amdim.augment import build_two_views
+from amdim.config import Config, to_flat
+from amdim.distributed import all_gather_with_grad
+from amdim.errors import UserError
+from amdim.model import AMDIM
+from amdim.probes import correct_and_count
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible to PyTorch on this machine")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 on CPU unless asked (CPU bf16 is slow on most CPUs)."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class LRSchedule:
+    """Linear warm-up over the first updates, then multi-step decay at epoch milestones (spec 7).
+
+    A plain object (not a closure) so LambdaLR stores its state in the checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int, milestone_steps: list[int], gamma: float):
+        self.warmup_steps = warmup_steps
+        self.milestone_steps = list(milestone_steps)
+        self.gamma = gamma
+
+    def __call__(self, step: int) -> float:
+        warm = 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+        return warm * self.gamma ** sum(step >= m for m in self.milestone_steps)
+
+
+def milestone_epochs(cfg: Config) -> list[int]:
+    """Milestone fractions -> epoch indices: (250/300, 280/300) of 300 epochs -> [250, 280]."""
+    return [round(f * cfg.train.epochs) for f in cfg.optim.milestones]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Adam:
+    """Adam (0.8, 0.999), eps 1e-8, coupled L2 weight decay on every parameter (spec 7)."""
+    o = cfg.optim
+    fused = o.fused and device.type == "cuda"
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=fused or None,
+    )
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    steps = [e * steps_per_epoch for e in milestone_epochs(cfg)]
+    return torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(cfg.optim.warmup_steps, steps, cfg.optim.gamma))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 9_176 + rank * 7_919) % (2**31 - 1)
+
+
+@dataclass
+class DistContext:
+    """This process's place in the data-parallel group (rank 0 of 1 when single-process)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def gather(self) -> Callable[[Tensor], Tensor] | None:
+        return all_gather_with_grad if self.world_size > 1 else None
+
+    def all_reduce_sum(self, values: Tensor) -> Tensor:
+        if self.world_size > 1:
+            tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+        return values
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # possibly DDP-wrapped
+    core: AMDIM  # the unwrapped model (what is saved)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def checkpoint_payload(cfg: Config, state: TrainState, n_classes: int) -> dict[str, Any]:
+    """The explicit dict saved after every epoch (see amdim.checkpoint)."""
+    return {
+        "config": to_flat(cfg),
+        "n_classes": n_classes,
+        "model": state.core.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": ckpt_io.rng_state(),
+        "history": state.history,
+    }
+
+
+def restore(state: TrainState, payload: dict[str, Any]) -> None:
+    try:
+        state.core.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        state.scheduler.load_state_dict(payload["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0][:160]
+        raise ckpt_io.CheckpointError(f"checkpoint does not match this configuration ({msg})") from None
+    state.epoch, state.step = int(payload["epoch"]), int(payload.get("step", 0))
+    state.history = list(payload.get("history", []))
+    if "rng" in payload:
+        ckpt_io.set_rng_state(payload["rng"])
+
+
+def model_from_checkpoint(
+    payload: dict[str, Any], device: torch.device | str = "cpu"
+) -> tuple[AMDIM, Config]:
+    """Rebuild the model and its exact config from a checkpoint dict."""
+    from amdim.config import from_flat
+
+    cfg = from_flat(payload["config"])
+    model = AMDIM(cfg.model, cfg.loss, int(payload["n_classes"]))
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[0][:160]
+        raise ckpt_io.CheckpointError(f"checkpoint weights do not match its config ({msg})") from None
+    return model.to(device), cfg
+
+
+def _views(
+    batch: tuple[Tensor, ...],
+    two_views: Callable[..., tuple[Tensor, Tensor]] | None,
+    device: torch.device,
+    gen,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(x1, x2, labels) on the device, from either loader flavour (see amdim.data.train_loader)."""
+    if len(batch) == 2:  # batched path: uint8 images, augmented here on the device
+        images, labels = batch
+        x1, x2 = two_views(images.to(device, non_blocking=True), generator=gen)
+    else:  # per-image path: views made in the loader workers
+        x1, x2, labels = batch
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    return x1, x2, labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    state: TrainState,
+    batches: Iterator[tuple[Tensor, ...]],
+    two_views: Callable[..., tuple[Tensor, Tensor]] | None,
+    cfg: Config,
+    device: torch.device,
+    dist: DistContext,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """One pass over the training batches; returns metrics summed over this rank's steps."""
+    state.model.train()
+    dtype = amp_dtype(cfg.train.amp, device)
+    gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank) + 1)
+    sums: dict[str, Tensor] = {}
+    n_steps, n_images, t0 = 0, 0, time.perf_counter()
+    for i, batch in enumerate(batches):
+        if cfg.train.max_steps_per_epoch and i >= cfg.train.max_steps_per_epoch:
+            break
+        x1, x2, labels = _views(batch, two_views, device, gen)
+        if cfg.train.channels_last:
+            x1, x2 = (
+                x1.contiguous(memory_format=torch.channels_last),
+                x2.contiguous(memory_format=torch.channels_last),
+            )
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = state.model(x1, x2, labels, gather=dist.gather, rank_offset=dist.rank * x1.shape[0])
+        state.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        n_steps += 1
+        n_images += x1.shape[0]
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        if log is not None and state.step % cfg.train.log_every == 0:
+            log(f"epoch {state.epoch + 1} step {state.step} loss {float(out['loss']):.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    if n_steps == 0:
+        raise UserError(
+            f"the training set yields no full batch of data.batch_size={cfg.data.batch_size} "
+            f"per process; lower data.batch_size or use more data"
+        )
+    keys = sorted(sums)
+    totals = dist.all_reduce_sum(
+        torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_steps), device=device)]).to(device)
+    )
+    steps_all = float(totals[-1])
+    metrics = {k: float(v) / steps_all for k, v in zip(keys, totals[:-1].tolist())}
+    labelled = metrics.pop("labelled")
+    for head in ("lin", "mlp"):
+        correct = metrics.pop(f"correct_{head}")
+        metrics[f"train_acc_{head}"] = correct / labelled if labelled > 0 else float("nan")
+    throughput = dist.all_reduce_sum(torch.tensor([n_images / elapsed], device=device))
+    metrics["images_per_s"] = float(throughput[0])
+    metrics["epoch_time_s"] = elapsed
+    metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_online(core: AMDIM, batches, device: torch.device, dist: DistContext) -> dict[str, float]:
+    """Top-1 accuracy of the online probes on the test set, encoder and probes in eval mode."""
+    was_training = core.training
+    core.eval()
+    counts = torch.zeros(3, device=device)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        lin, mlp = core.probes(core.encoder(x)[0].flatten(1))
+        lin_ok, n = correct_and_count(lin, y)
+        mlp_ok, _ = correct_and_count(mlp, y)
+        counts += torch.stack([lin_ok, mlp_ok, n])
+    core.train(was_training)
+    counts = dist.all_reduce_sum(counts)
+    n = float(counts[2])
+    return {
+        "test_acc_lin": float(counts[0]) / n if n else math.nan,
+        "test_acc_mlp": float(counts[1]) / n if n else math.nan,
+    }
+
+
+EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
+
+
+def fit(
+    cfg: Config,
+    *,
+    bundle: data_mod.DataBundle | None = None,
+    resume: dict[str, Any] | None = None,
+    dist: DistContext | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    log: Callable[[str], None] | None = print,
+) -> TrainState:
+    """Train ``cfg.train.epochs`` epochs (continuing from ``resume`` when given).
+
+    Args:
+        cfg: the full configuration.
+        bundle: preloaded data (loaded from ``cfg.data.spec`` when None).
+        resume: a checkpoint payload to continue from.
+        dist: rank and world size when running as one process of a group.
+        wrap_model: e.g. DDP; applied after the model is on its device.
+        on_epoch_end: called with (epoch metrics, payload factory) after every epoch on every rank.
+        log: a line logger (rank 0 only is sensible).
+    """
+    dist = dist or DistContext()
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(epoch_seed(cfg.train.seed, -1, 0))  # identical initial weights on every rank
+    bundle = bundle or data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
+    if cfg.train.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(core, cfg, device)
+    steps_per_epoch = data_mod.steps_per_epoch(bundle, cfg.data, dist.world_size)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    model: nn.Module = core
+    if cfg.train.compile:
+        model = torch.compile(model)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    state = TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
+    if resume is not None:
+        restore(state, resume)
+    two_views = build_two_views(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
+    two_views = two_views if cfg.aug.impl == "batched" else None
+
+    while state.epoch < cfg.train.epochs:
+        torch.manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank))
+        batches = data_mod.train_loader(
+            bundle, cfg.data, cfg.aug, cfg.model.image_size,
+            seed=cfg.train.seed, epoch=state.epoch, rank=dist.rank, world_size=dist.world_size,
+        )  # fmt: skip
+        metrics = train_one_epoch(state, iter(batches), two_views, cfg, device, dist, log)
+        test_batches = data_mod.eval_loader(
+            bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
+            bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size,
+        )  # fmt: skip
+        metrics.update(evaluate_online(core, test_batches, device, dist))
+        state.epoch += 1
+        metrics["epoch"] = state.epoch
+        state.history.append(metrics)
+        if log is not None:
+            log(
+                f"epoch {state.epoch}/{cfg.train.epochs} loss {metrics['loss']:.4f} "
+                f"nce {metrics['loss_nce']:.4f} online test acc lin {metrics['test_acc_lin']:.4f} "
+                f"mlp {metrics['test_acc_mlp']:.4f} {metrics['images_per_s']:.0f} img/s"
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(metrics, lambda: checkpoint_payload(cfg, state, bundle.n_classes))
+    return state
