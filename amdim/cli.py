@@ -74,8 +74,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_local(cfg, out: Path, *, resume: bool, probe: bool, log=print) -> dict[str, Any]:
-    """Train in this process, checkpoint every epoch to ``out``, then run the offline probe."""
+def train_local(
+    cfg, out: Path, *, resume: bool, probe: bool, experiment: str | None = "amdim", log=print
+) -> dict[str, Any]:
+    """Train in this process, checkpoint every epoch to ``out``, then run the offline probe.
+
+    With ``experiment`` set the run is recorded in MLflow like a Ray run (see amdim.tracking).
+    """
     from amdim import checkpoint as ckpt_io
     from amdim import data as data_mod
     from amdim import trainer
@@ -91,30 +96,55 @@ def train_local(cfg, out: Path, *, resume: bool, probe: bool, log=print) -> dict
             raise UserError(f"{ckpt_path} was trained with a different configuration; use another --out")
         log(f"resuming from {ckpt_path} at epoch {payload['epoch']}")
     (out / "config.json").write_text(json.dumps(to_flat(cfg), indent=2) + "\n")
+    device = trainer.resolve_device(cfg.train.device)
     bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    record = None
+    if experiment:
+        from amdim import tracking
 
-    t0 = time.perf_counter()
+        uri = tracking.tracking_uri()
+        tracking.check_tracking(uri)
+        flat = to_flat(cfg)
+        tags = tracking.run_tags(flat, str(device), {"launcher": "local"})
+        record = tracking.RunRecord.create(uri, experiment, out.name, flat, tags)
+        record.log_artifact(out / "config.json")
 
     def save(metrics: dict[str, float], make_payload) -> None:
         ckpt_io.save(ckpt_path, make_payload())
+        if record is not None:
+            record.log_metrics(metrics, step=int(metrics["epoch"]))
 
-    state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log)
-    train_time = time.perf_counter() - t0
-    final = trainer.checkpoint_payload(cfg, state, bundle.n_classes)
-    ckpt_io.save(ckpt_path, final)  # also covers --epochs 0: the randomly initialised baseline
-
-    result: dict[str, Any] = {
-        "config": to_flat(cfg),
-        "epochs": state.epoch,
-        "history": state.history,
-        "train_time_s": train_time,
-        "checkpoint": str(ckpt_path),
-    }
-    if probe:
-        device = trainer.resolve_device(cfg.train.device)
-        t1 = time.perf_counter()
-        result["probe"] = evaluate_encoder(state.core.encoder, bundle, cfg, device)
-        result["probe"]["time_s"] = time.perf_counter() - t1
+    try:
+        t0 = time.perf_counter()
+        state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log, device=device)
+        train_time = time.perf_counter() - t0
+        ckpt_io.save(ckpt_path, trainer.checkpoint_payload(cfg, state, bundle.n_classes))  # --epochs 0 too
+        result: dict[str, Any] = {
+            "config": to_flat(cfg),
+            "epochs": state.epoch,
+            "history": state.history,
+            "train_time_s": train_time,
+            "checkpoint": str(ckpt_path),
+        }
+        if probe:
+            t1 = time.perf_counter()
+            result["probe"] = evaluate_encoder(state.core.encoder, bundle, cfg, device)
+            result["probe"]["time_s"] = time.perf_counter() - t1
+            result["probe"]["epoch"] = state.epoch
+            if record is not None:
+                record.log_probe(result["probe"])
+        if record is not None:
+            if state.core.mixture is not None:
+                png = write_segmentation(
+                    state.core, cfg, bundle, out / "segmentation.png", n=16, device=device
+                )
+                record.log_artifact(png)
+            result["run_id"] = record.run_id
+            record.finish("FINISHED")
+    except BaseException:
+        if record is not None:
+            record.finish("KILLED")
+        raise
     _write_json(out / "metrics.json", result)
     return result
 
@@ -126,9 +156,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = with_overrides(cfg, {"train.epochs": 1, "train.max_steps_per_epoch": 2, "probe.epochs": 2})
     out = Path(args.out or f"runs/train-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.local:
-        raise UserError("the Ray Train path is not available in this build; run with --local")
-    result = train_local(cfg, out, resume=args.resume, probe=not args.no_probe)
+    if args.local:
+        result = train_local(
+            cfg, out, resume=args.resume, probe=not args.no_probe, experiment=args.experiment
+        )
+    else:
+        from amdim.ray_train import train_ray
+
+        result = train_ray(
+            cfg,
+            out,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            max_failures=args.max_failures,
+            experiment=args.experiment,
+            probe=not args.no_probe,
+        )
     if "probe" in result:
         p = result["probe"]
         print(
@@ -164,37 +208,97 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def write_segmentation(model, cfg, bundle, out: Path, *, n: int, device) -> Path:
+    """Mixture-component maps of the first ``n`` test images, written as a PNG grid."""
     import torch
 
+    from amdim import data as data_mod
+    from amdim.mixture import save_segmentation_grid, segment
+    from amdim.nce import mix_alpha
+
+    n = max(2, min(n, len(bundle.test_labels)))  # the segmentation scores need negatives
+    x, _ = next(iter(data_mod.eval_loader(
+        bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, n, bundle.mean, bundle.std
+    )))  # fmt: skip
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        r1, _, r7 = model.encoder(x.to(device))
+        assign = segment(r1, r7, model.mixture, mix_alpha(cfg.loss), tclip=cfg.loss.tclip)
+    model.train(was_training)
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_segmentation_grid((x * std + mean).clamp(0, 1), assign.cpu(), out, cfg.loss.n_mix)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
     from amdim import checkpoint as ckpt_io
     from amdim import data as data_mod
     from amdim import trainer
-    from amdim.mixture import save_segmentation_grid, segment
-    from amdim.nce import mix_alpha
 
     payload = ckpt_io.load(args.checkpoint)
     device = trainer.resolve_device(args.device)
     model, cfg = trainer.model_from_checkpoint(payload, device)
     if model.mixture is None:
         raise UserError(f"{args.checkpoint} was trained without mixtures (loss.n_mix=1): nothing to segment")
-    spec = args.data or cfg.data.spec
-    bundle = data_mod.load_data(spec, cfg.model.image_size)
-    n = min(args.n, len(bundle.test_labels))
-    x, _ = next(iter(data_mod.eval_loader(
-        bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, n, bundle.mean, bundle.std
-    )))  # fmt: skip
-    model.eval()
-    with torch.no_grad():
-        r1, _, r7 = model.encoder(x.to(device))
-        assign = segment(r1, r7, model.mixture, mix_alpha(cfg.loss), tclip=cfg.loss.tclip)
-    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
-    images = (x * std + mean).clamp(0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_segmentation_grid(images, assign.cpu(), out, cfg.loss.n_mix)
-    print(f"wrote {out} ({n} images, {cfg.loss.n_mix} components)")
+    bundle = data_mod.load_data(args.data or cfg.data.spec, cfg.model.image_size)
+    out = write_segmentation(model, cfg, bundle, Path(args.out), n=args.n, device=device)
+    print(f"wrote {out} ({cfg.loss.n_mix} components)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from amdim import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        tracking.check_tracking(uri)
+        print(f"MLflow tracking server: {uri}")
+        return 0
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from amdim.bench import bench_device, run_bench
+
+    bench_device(args.device)  # fail in one line before building anything
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    steps, warmup = (2, 1) if args.smoke_test else (args.steps, args.warmup)
+    result = run_bench(
+        build_config(args),
+        args.batch_size,
+        args.device,
+        steps,
+        warmup,
+        preset=args.preset,
+        data=not args.no_data,
+    )
+    print(json.dumps(result, indent=2, default=_json_default))
     return 0
 
 
@@ -206,6 +310,11 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="output folder (checkpoint.pt, metrics.json); default runs/train-...")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, may be fractional")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--experiment", default="amdim", help="MLflow experiment name")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe")
     p.add_argument("--smoke-test", action="store_true", help="one epoch of two steps, a 2-epoch probe")
@@ -232,6 +341,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI on the tracking store (127.0.0.1 by default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("bench", help="time the training step (vs an fp32 eager baseline) and the data path")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, required=True, help="images per step")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--steps", type=int, default=10, help="timed iterations of each measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (>= 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-data", action="store_true", help="skip the data-pipeline timings")
+    p.add_argument("--smoke-test", action="store_true", help="2 timed steps after 1 warm-up step")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

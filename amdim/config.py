@@ -147,8 +147,8 @@ class ProbeConfig:
 
     epochs: int = 100
     batch_size: int = 256
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    weight_decays: tuple[float, ...] = (0.0, 1e-5, 1e-4)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
     val_fraction: float = 0.1
     seed: int = 0
 

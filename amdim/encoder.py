@@ -50,6 +50,9 @@ class MaybeBatchNorm2d(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(n_ftr, affine=affine)
         self.use_bn = use_bn
+        # A switched-off BN's parameters never get a gradient; freezing them keeps DDP from
+        # waiting for gradients that never come, and keeps the optimiser from touching them.
+        self.bn.requires_grad_(use_bn)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""

@@ -192,8 +192,12 @@ def train_one_epoch(
     device: torch.device,
     dist: DistContext,
     log: Callable[[str], None] | None = None,
+    on_step: Callable[[TrainState, int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the training batches; returns metrics summed over this rank's steps."""
+    """One pass over the training batches; returns metrics averaged over all ranks' steps.
+
+    ``on_step(state, i)`` runs after the i-th optimiser step of the epoch (a test hook).
+    """
     state.model.train()
     dtype = amp_dtype(cfg.train.amp, device)
     gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank) + 1)
@@ -219,8 +223,10 @@ def train_one_epoch(
         n_images += x1.shape[0]
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()
+        if on_step is not None:
+            on_step(state, i)
         if log is not None and state.step % cfg.train.log_every == 0:
-            log(f"epoch {state.epoch + 1} step {state.step} loss {float(out['loss']):.4f}")
+            log(f"epoch {state.epoch + 1} step {state.step} loss {float(out['loss'].detach()):.4f}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -279,6 +285,8 @@ def fit(
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     on_epoch_end: EpochCallback | None = None,
     log: Callable[[str], None] | None = print,
+    device: torch.device | None = None,
+    on_step: Callable[[TrainState, int], None] | None = None,
 ) -> TrainState:
     """Train ``cfg.train.epochs`` epochs (continuing from ``resume`` when given).
 
@@ -290,9 +298,11 @@ def fit(
         wrap_model: e.g. DDP; applied after the model is on its device.
         on_epoch_end: called with (epoch metrics, payload factory) after every epoch on every rank.
         log: a line logger (rank 0 only is sensible).
+        device: overrides ``cfg.train.device`` (a Ray worker is told its device by Ray).
+        on_step: called after every optimiser step with (state, step index in the epoch).
     """
     dist = dist or DistContext()
-    device = resolve_device(cfg.train.device)
+    device = device or resolve_device(cfg.train.device)
     torch.manual_seed(epoch_seed(cfg.train.seed, -1, 0))  # identical initial weights on every rank
     bundle = bundle or data_mod.load_data(cfg.data.spec, cfg.model.image_size)
     core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
@@ -320,7 +330,7 @@ def fit(
             bundle, cfg.data, cfg.aug, cfg.model.image_size,
             seed=cfg.train.seed, epoch=state.epoch, rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
-        metrics = train_one_epoch(state, iter(batches), two_views, cfg, device, dist, log)
+        metrics = train_one_epoch(state, iter(batches), two_views, cfg, device, dist, log, on_step)
         test_batches = data_mod.eval_loader(
             bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
             bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size,

@@ -1,0 +1,291 @@
+"""Ray Train path of ``amdim train``: a TorchTrainer over N workers, tracked in MLflow.
+
+Ray 2.60 runs Train V2 by default: ``TorchTrainer(...).fit()`` starts a controller and a worker
+group with its own placement group; each worker runs :func:`worker_loop`, which is the project's
+ordinary trainer (:func:`amdim.trainer.fit`) with the model wrapped in DDP, the NCE targets
+all-gathered so the negatives are the global batch, metrics all-reduced, and a checkpoint reported
+to Ray after every epoch. A worker that dies is replaced (``FailureConfig(max_failures)``) and the
+group resumes from the last reported checkpoint; re-running with the same ``--out`` resumes too,
+because the Train run's storage path and name are deterministic.
+
+The MLflow run is created by the driver (parameters, tags, config artifact), filled per epoch by the
+rank-0 worker only, and closed by the driver after the offline linear probe. This module imports
+Ray at module level; the core (``amdim.trainer`` and below) never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amdim import checkpoint as ckpt_io
+from amdim.config import Config, from_flat, to_flat, with_overrides
+from amdim.errors import UserError
+
+RAY_ENV_DEFAULTS = {
+    "RAY_AUTH_MODE": "disabled",  # 2.60 enables token auth and writes ~/.ray/auth_token otherwise
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # default 2 s: shortens every run's tail
+}
+FAULT_ENV = "AMDIM_FAULT_INJECT"  # "EPOCH:RANK:MARKER": SIGKILL that rank once, mid-way through epoch EPOCH+1
+
+
+def set_ray_env() -> None:
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
+    """One-line errors, before Ray starts, for requests this machine or cluster cannot meet."""
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise UserError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if gpus_per_worker and workers > 1 and gpus_per_worker < 1:
+        raise UserError(
+            f"--gpus-per-worker {gpus_per_worker} with {workers} workers would put two DDP ranks on one GPU, "
+            "which NCCL refuses; use whole GPUs, or fractional GPUs with --workers 1"
+        )
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    if remote:
+        return  # checked against the cluster's resources once connected (see _check_cluster)
+    if gpus_per_worker and not torch.cuda.is_available():
+        raise UserError(f"--gpus-per-worker {gpus_per_worker} requested, but this machine has no CUDA GPU")
+    if gpus_per_worker and workers * gpus_per_worker > torch.cuda.device_count():
+        raise UserError(
+            f"{workers} workers x {gpus_per_worker} GPUs need {workers * gpus_per_worker:g} GPUs; "
+            f"this machine has {torch.cuda.device_count()}"
+        )
+    cpus = os.cpu_count() or 1
+    if workers * cpus_per_worker > cpus:
+        raise UserError(
+            f"{workers} workers x {cpus_per_worker:g} CPUs need {workers * cpus_per_worker:g} CPUs; "
+            f"this machine has {cpus} (lower --workers or --cpus-per-worker)"
+        )
+
+
+def _check_cluster(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    for key, amount in need.items():
+        if amount and res.get(key, 0) < amount:
+            raise UserError(f"the Ray cluster has {res.get(key, 0):g} {key}s; this run needs {amount:g}")
+
+
+def _maybe_inject_fault(completed_epochs: int, step_in_epoch: int, rank: int) -> None:
+    """Test hook: kill this worker process for real, once, at the third step of the epoch after
+    ``EPOCH`` (by then the controller has registered epoch EPOCH's checkpoint)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at_epoch, at_rank, marker = spec.split(":", 2)
+    if (completed_epochs, step_in_epoch, rank) == (int(at_epoch), 2, int(at_rank)) and not os.path.exists(
+        marker
+    ):
+        Path(marker).write_text(f"killed rank {rank} in epoch {completed_epochs + 1} at {time.time()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last 'SomeError: message' line of a Ray error's text (its own first line is generic)."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b:?", ln)]
+    return (causes[-1] if causes else lines[0] if lines else type(exc).__name__)[:200]
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the project's trainer as rank ``world_rank`` of the group."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from amdim import trainer
+    from amdim.tracking import RunRecord
+
+    cfg = from_flat(loop_config["flat"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.device != "cpu" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    payload = None
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            payload = ckpt_io.load(Path(d) / "checkpoint.pt")
+    start_epoch = int(payload["epoch"]) if payload else 0
+    record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids) if world > 1 else model
+
+    def report(metrics: dict[str, float], make_payload) -> None:
+        metrics = {**metrics, "resumed_from_epoch": start_epoch, "workers": world}
+        if record is not None:
+            record.log_metrics(metrics, step=int(metrics["epoch"]))
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                ckpt_io.save(Path(d) / "checkpoint.pt", make_payload())
+                ck = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ck)  # every rank: it is a barrier
+
+    state = trainer.fit(
+        cfg,
+        resume=payload,
+        dist=trainer.DistContext(rank, world),
+        wrap_model=wrap,
+        on_epoch_end=report,
+        log=print if rank == 0 else None,
+        device=device,
+        on_step=(lambda st, i: _maybe_inject_fault(st.epoch, i, rank)) if os.environ.get(FAULT_ENV) else None,
+    )
+    if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
+        n_classes = state.core.probes.linear.out_features
+        report({"epoch": 0}, lambda: trainer.checkpoint_payload(cfg, state, n_classes))
+
+
+def train_ray(
+    cfg: Config,
+    out: Path,
+    *,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 2,
+    experiment: str = "amdim",
+    probe: bool = True,
+) -> dict[str, Any]:
+    """Train ``cfg`` on a Ray TorchTrainer, record it in MLflow, then run the offline probe.
+
+    Leaves ``out/checkpoint.pt`` (final) and ``out/metrics.json`` like the local path, plus the Ray
+    Train run under ``out/ray/``.
+    """
+    from amdim import tracking
+
+    check_resources(workers, gpus_per_worker, cpus_per_worker)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    from amdim import data as data_mod
+
+    cfg = with_overrides(
+        cfg,
+        {
+            "data.spec": data_mod.absolute_spec(cfg.data.spec),
+            "train.device": "cuda" if gpus_per_worker else "cpu",
+        },
+    )
+    if cfg.data.batch_size % workers:
+        raise UserError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch; it must divide by --workers {workers}"
+        )
+    set_ray_env()
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    flat = to_flat(cfg)
+    (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
+    started_ray = False
+    t_init = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level="WARNING")
+        started_ray = True
+    ray_init_s = time.perf_counter() - t_init
+    record = None
+    try:
+        _check_cluster(workers, gpus_per_worker, cpus_per_worker)
+        device_tag = f"{workers}x " + (
+            f"{gpus_per_worker:g} GPU ({torch.cuda.get_device_name(0)})" if gpus_per_worker else "CPU (gloo)"
+        )
+        record = tracking.RunRecord.create(
+            uri, experiment, out.name, flat, tracking.run_tags(flat, device_tag, {"launcher": "ray-train"})
+        )
+        record.log_artifact(out / "config.json")
+        resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        trainer_ = TorchTrainer(
+            worker_loop,
+            train_loop_config={"flat": flat, "tracking_uri": uri, "run_id": record.run_id},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+            run_config=ray.train.RunConfig(
+                name="train",
+                storage_path=str(out / "ray"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+            ),
+        )
+        t_fit = time.perf_counter()
+        try:
+            result = trainer_.fit()
+        except ray.train.TrainingFailedError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"training failed after {max_failures} worker restarts: {first}") from None
+        fit_s = time.perf_counter() - t_fit
+        if result.checkpoint is None:
+            raise UserError("training produced no checkpoint")
+        with result.checkpoint.as_directory() as d:
+            shutil.copyfile(Path(d) / "checkpoint.pt", out / "checkpoint.pt")
+        summary = _finish(cfg, out, record, probe)
+        summary.update(
+            {"ray_init_s": ray_init_s, "fit_s": fit_s, "run_id": record.run_id, "tracking_uri": uri}
+        )
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        record.finish("FINISHED")
+        return summary
+    except BaseException:
+        if record is not None:
+            record.finish("FAILED")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _finish(cfg: Config, out: Path, record, probe: bool) -> dict[str, Any]:
+    """Driver side after training: offline probe, segmentation PNG, artifacts."""
+    from amdim import data as data_mod
+    from amdim import trainer
+    from amdim.linear_eval import evaluate_encoder
+
+    payload = ckpt_io.load(out / "checkpoint.pt")
+    summary: dict[str, Any] = {
+        "config": payload["config"],
+        "epochs": int(payload["epoch"]),
+        "history": payload.get("history", []),
+        "checkpoint": str(out / "checkpoint.pt"),
+    }
+    if not probe and cfg.loss.n_mix == 1:
+        return summary
+    model, cfg = trainer.model_from_checkpoint(payload, "cpu")
+    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    if probe:
+        result = evaluate_encoder(model.encoder, bundle, cfg, torch.device("cpu"))
+        result["epoch"] = summary["epochs"]
+        record.log_probe(result)
+        summary["probe"] = result
+    if model.mixture is not None:
+        from amdim.cli import write_segmentation
+
+        png = write_segmentation(
+            model, cfg, bundle, out / "segmentation.png", n=16, device=torch.device("cpu")
+        )
+        record.log_artifact(png)
+    return summary

@@ -1,0 +1,198 @@
+"""MLflow record of a training run: the one place that talks to MLflow.
+
+The store defaults to a SQLite database under the project's runs folder
+(``sqlite:////abs/runs/mlflow.db``): MLflow 3.x keeps its file store in maintenance mode and
+refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``, and recommends a database backend.
+``MLFLOW_TRACKING_URI`` points everything at a tracking server instead. URIs are always absolute,
+because Ray workers change their working directory.
+
+A run holds: every parameter of the flat config the model was built from, per-epoch metrics
+(step = epoch), the final offline linear-probe result with its protocol name, the config file (and
+segmentation PNG when mixtures are on) as artifacts, and tags for git commit, package versions,
+device and dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from amdim.errors import UserError
+
+DEFAULT_EXPERIMENT = "amdim"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def runs_dir() -> Path:
+    """``$AMDIM_RUNS_DIR`` or ``./runs``, absolute."""
+    return Path(os.environ.get("AMDIM_RUNS_DIR", "runs")).resolve()
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the SQLite store under the runs folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise UserError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"MLflow tracking server {uri} does not answer ({reason}); start it or unset MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("amdim", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def run_tags(flat: dict[str, Any], device: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(),
+        "device": device,
+        "dataset": str(flat.get("data.spec")),
+        **{f"version.{k}": v for k, v in package_versions().items()},
+    }
+    tags.update(extra or {})
+    return tags
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created (with artifacts beside a local store) if missing."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunRecord:
+    """One MLflow run, addressed by id so any process (driver, rank-0 worker) can log to it."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        flat: dict[str, Any],
+        tags: dict[str, str],
+        parent_run_id: str | None = None,
+    ) -> RunRecord:
+        from mlflow.entities import Param
+
+        client = _client(uri)
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
+        params = [Param(k, str(v)) for k, v in flat.items()]
+        for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return cls(uri, run.info.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v == v  # NaN is not stored
+        ]
+        if batch:
+            _client(self.uri).log_batch(self.run_id, metrics=batch)
+
+    def log_probe(self, probe: dict[str, Any]) -> None:
+        """Final offline probe: ``probe_test_accuracy`` etc. plus the protocol as a tag."""
+        keys = ("test_accuracy", "val_accuracy", "train_accuracy", "lr", "weight_decay")
+        self.log_metrics(
+            {f"probe_{k}": probe[k] for k in keys if k in probe}, step=int(probe.get("epoch", 0))
+        )
+        self.set_tags({"probe_protocol": str(probe["protocol"])})
+        self.log_dict(probe, "probe.json")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        client = _client(self.uri)
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, v)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / name
+            path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+            self.log_artifact(path)
+
+    def log_artifact(self, path: str | Path) -> None:
+        _client(self.uri).log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        _client(self.uri).set_terminated(self.run_id, status=status)
