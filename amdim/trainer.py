@@ -73,7 +73,7 @@ def milestone_epochs(cfg: Config) -> list[int]:
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Adam:
     """Adam (0.8, 0.999), eps 1e-8, coupled L2 weight decay on every parameter (spec 7)."""
     o = cfg.optim
-    fused = o.fused and device.type == "cuda"
+    fused = o.fused and device.type in ("cuda", "cpu")  # torch has a fused Adam for both
     return torch.optim.Adam(
         model.parameters(),
         lr=o.lr,

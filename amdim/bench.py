@@ -1,0 +1,355 @@
+"""Throughput of the training step and of the data pipeline (``amdim bench``).
+
+:func:`run_bench` measures, in one process and on one fixed batch:
+
+* the training step exactly as :func:`amdim.trainer.train_one_epoch` runs it with the config's
+  speed options (``train.amp``, ``train.channels_last``, ``train.compile``, ``optim.fused``):
+  forward of both views + multiscale NCE + online probes, backward, Adam step, scheduler step. The
+  inputs are augmented on the device beforehand, so only the step is timed;
+* the same step as a plain fp32 eager baseline (no autocast, no channels_last, no compile,
+  non-fused Adam) from the same initial weights on the same inputs;
+* the data pipeline alone: the batched on-device augmentation (uint8 batch -> both views) and the
+  per-image torchvision path through :func:`amdim.data.train_loader` (seeding, sampling and
+  applying per image, collation; ``data.num_workers`` workers).
+
+Timing: ``warmup`` untimed steps first (compilation, allocator and oneDNN warm-up), then ``steps``
+timed ones, each between ``torch.cuda.synchronize()`` calls on CUDA. The optimised and the
+baseline steps are timed alternately, so that load from other processes on a shared machine
+affects both alike. Every rate is ``batch / median`` of the per-iteration wall times (the median is
+robust to the odd descheduled step); the per-step times are in the output too.
+
+``loss_first_step`` and ``baseline_loss_first_step`` are the two runs' first losses, from the same
+weights, inputs and seed: equal to float tolerance without ``train.compile``, and to the bf16
+tolerance with ``train.amp=bf16``; with ``train.compile`` inductor draws dropout and the 5t5
+locations from its own RNG, so they then agree only statistically (see
+tests/test_speed_options.py for the same-RNG check).
+
+FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` over one full
+eager fp32 training step (forward of both views with NCE and probes, then backward). It counts
+matmuls and convolutions only (elementwise ops and the Adam update are not counted), as is usual
+for MFU figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from amdim import data as data_mod
+from amdim import trainer
+from amdim.augment import BatchedTwoViews
+from amdim.config import Config, to_flat, with_overrides
+from amdim.errors import UserError
+from amdim.model import AMDIM
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+def baseline_config(cfg: Config) -> Config:
+    """``cfg`` with every speed option off: fp32, no channels_last, eager, non-fused Adam."""
+    return replace(
+        cfg,
+        train=replace(cfg.train, amp="off", channels_last=False, compile=False),
+        optim=replace(cfg.optim, fused=False),
+    )
+
+
+def bench_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto``; a GPU asked for where none is visible is a one-line UserError."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got '{name}'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible to PyTorch on this machine")
+    return trainer.resolve_device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, with the device drained before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _median_rate(times: list[float], batch: int) -> float:
+    return batch / statistics.median(times)
+
+
+def _take_batch(bundle: data_mod.DataBundle, batch: int) -> tuple[Tensor, Tensor]:
+    """The first ``batch`` training images (cycled if the set is smaller) and their labels."""
+    idx = torch.arange(batch) % len(bundle.train_labels)
+    images = bundle.train_images
+    x = images[idx] if isinstance(images, Tensor) else torch.stack([images[int(i)] for i in idx])
+    return x, bundle.train_labels[idx]
+
+
+class _Stepper:
+    """A model, optimiser and schedule built as :func:`amdim.trainer.fit` builds them; one call
+    runs one training step through :func:`amdim.trainer.train_one_epoch`."""
+
+    def __init__(self, cfg: Config, n_classes: int, device: torch.device, batch: Batch, n_steps: int):
+        self.cfg, self.device, self.batch = cfg, device, batch
+        torch.manual_seed(trainer.epoch_seed(cfg.train.seed, -1, 0))  # the same weights for both runs
+        core = AMDIM(cfg.model, cfg.loss, n_classes).to(device)
+        if cfg.train.channels_last:
+            core = core.to(memory_format=torch.channels_last)
+        optimizer = trainer.build_optimizer(core, cfg, device)
+        scheduler = trainer.build_scheduler(optimizer, cfg, n_steps)
+        model = torch.compile(core) if cfg.train.compile else core
+        self.state = trainer.TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
+        self.dist = trainer.DistContext()
+        self.losses: list[float] = []
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.state.optimizer.defaults.get("fused"))
+
+    def __call__(self) -> None:
+        # A (view1, view2, labels) batch is the trainer's per-image flavour: already augmented,
+        # moved to the device (a no-op here) and made channels_last inside the step when asked.
+        metrics = trainer.train_one_epoch(
+            self.state, iter([self.batch]), None, self.cfg, self.device, self.dist, log=None
+        )
+        self.losses.append(metrics["loss"])
+
+
+def count_flops(cfg: Config, n_classes: int, batch: Batch) -> tuple[int, int]:
+    """(FLOPs of one training step, FLOPs of one view's encoder forward) for ``batch``.
+
+    The step is the eager fp32 forward of both views with NCE and probes, then the backward, on a
+    fresh model (FLOP counts do not depend on dtype, layout or compilation).
+    """
+    x1, x2, labels = batch
+    torch.manual_seed(0)
+    model = AMDIM(cfg.model, cfg.loss, n_classes).to(x1.device).train()
+    with FlopCounterMode(display=False) as counter:
+        model(x1, x2, labels)["loss"].backward()
+    step = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encoder(x1)
+    return step, counter.get_total_flops()
+
+
+def _data_batched(
+    cfg: Config, bundle: data_mod.DataBundle, images: Tensor, device: torch.device, steps: int, warmup: int
+) -> list[float]:
+    """Per-batch wall times of uint8 CPU batch -> device -> both views (the trainer's batched path)."""
+    views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
+    gen = data_mod.augment_generator(cfg.train.seed, 0, 0, device)
+
+    def one() -> None:
+        views(images.to(device, non_blocking=True), generator=gen)
+
+    for _ in range(warmup):
+        one()
+    return [_timed(one, device) for _ in range(steps)]
+
+
+def _data_torchvision(
+    cfg: Config, bundle: data_mod.DataBundle, device: torch.device, steps: int, warmup: int
+) -> list[float]:
+    """Per-batch wall times of the per-image torchvision path: train_loader batches (per-image
+    seeding, sampling, transforms and collation, in ``data.num_workers`` workers) to the device."""
+    tv_cfg = replace(cfg, aug=replace(cfg.aug, impl="torchvision"))
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from data_mod.train_loader(
+                bundle, tv_cfg.data, tv_cfg.aug, cfg.model.image_size, seed=cfg.train.seed, epoch=epoch
+            )
+            epoch += 1
+
+    it = batches()
+
+    def one() -> None:
+        x1, x2, _ = next(it)
+        x1.to(device, non_blocking=True)
+        x2.to(device, non_blocking=True)
+
+    for _ in range(warmup):
+        one()
+    return [_timed(one, device) for _ in range(steps)]
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated, optimised step"
+    # Linux reports ru_maxrss in KiB: the whole process's high-water mark, not the step's alone.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS (getrusage)"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: on a shared machine, a number above the core count means the
+    timings competed with other processes."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_bench(
+    cfg: Config,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    steps: int = 10,
+    warmup: int = 3,
+    *,
+    preset: str | None = None,
+    data: bool = True,
+) -> dict[str, Any]:
+    """Benchmark the training step (optimised and baseline) and the data pipeline.
+
+    Args:
+        cfg: the configuration; its ``train.amp``, ``train.channels_last``, ``train.compile`` and
+            ``optim.fused`` are the speed options of the optimised step.
+        batch_size: images per step (per view).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        steps: timed iterations of each measurement (>= 1).
+        warmup: untimed iterations before them (>= 1: the first step compiles and allocates).
+        preset: the preset name, recorded in the output.
+        data: also time the two augmentation paths.
+
+    Returns:
+        A JSON-ready dict; rates are images per second from the median iteration time.
+
+    Raises:
+        UserError: a bad count, or CUDA asked for where there is none.
+    """
+    started, load_before = _now(), _load_average()
+    dev = bench_device(str(device))
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if warmup < 1:
+        raise UserError(f"--warmup must be >= 1 (the first step compiles and allocates), got {warmup}")
+    cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
+    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    images, labels = _take_batch(bundle, batch_size)
+
+    # One fixed batch of views, made on the device by the batched path, shared by both steps.
+    views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
+    x1, x2 = views(images.to(dev), generator=data_mod.augment_generator(cfg.train.seed, 0, 0, dev))
+    batch: Batch = (x1, x2, labels.to(dev))
+
+    step_flops, view_flops = count_flops(cfg, bundle.n_classes, batch)
+
+    n_steps = warmup + steps
+    fast = _Stepper(cfg, bundle.n_classes, dev, batch, n_steps)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(warmup):  # alone on the device, so that its peak memory is its own
+        fast()
+    _sync(dev)
+    peak_mb, peak_kind = _peak_memory(dev)
+    base = _Stepper(baseline_config(cfg), bundle.n_classes, dev, batch, n_steps)
+    for _ in range(warmup):
+        base()
+    fast_times, base_times = [], []
+    for _ in range(steps):
+        fast_times.append(_timed(fast, dev))
+        base_times.append(_timed(base, dev))
+
+    step_rate = _median_rate(fast_times, batch_size)
+    base_rate = _median_rate(base_times, batch_size)
+    flops_per_image = step_flops / batch_size
+    result: dict[str, Any] = {
+        "step_images_per_s": step_rate,
+        "baseline_images_per_s": base_rate,
+        "speedup": step_rate / base_rate,
+        "step_times_ms": [1e3 * t for t in fast_times],
+        "baseline_times_ms": [1e3 * t for t in base_times],
+        "flops_per_image": flops_per_image,
+        "forward_flops_per_image_per_view": view_flops / batch_size,
+        "tflops": flops_per_image * step_rate / 1e12,
+        "baseline_tflops": flops_per_image * base_rate / 1e12,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": peak_kind,
+        "loss_first_step": fast.losses[0],
+        "baseline_loss_first_step": base.losses[0],
+        "options": {
+            "amp": cfg.train.amp,
+            "autocast_dtype": str(trainer.amp_dtype(cfg.train.amp, dev) or torch.float32),
+            "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile,
+            "fused_adam": fast.fused,
+        },
+    }
+    if data:
+        data_times = _data_batched(cfg, bundle, images, dev, steps, warmup)
+        tv_times = _data_torchvision(cfg, bundle, dev, steps, warmup)
+        result["data_images_per_s"] = _median_rate(data_times, batch_size)
+        result["data_torchvision_images_per_s"] = _median_rate(tv_times, batch_size)
+        result["data_num_workers"] = cfg.data.num_workers
+    m = cfg.model
+    result.update(
+        {
+            "device": dev.type,
+            "device_name": _device_name(dev),
+            "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "preset": preset,
+            "data_spec": cfg.data.spec,
+            "image_size": m.image_size,
+            "ndf": m.ndf,
+            "n_rkhs": m.n_rkhs,
+            "n_depth": m.n_depth,
+            "batch": batch_size,
+            "steps": steps,
+            "warmup": warmup,
+            "timing": "images/s = batch / median per-iteration wall time over the timed steps",
+            "config": to_flat(cfg),
+            "git_sha": _git_sha(),
+            "started_at": started,
+            "finished_at": _now(),
+            "load_average_1min": {"start": load_before, "end": _load_average()},
+        }
+    )
+    return result
+
+
+__all__ = ["baseline_config", "bench_device", "count_flops", "run_bench"]

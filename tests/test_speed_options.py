@@ -1,0 +1,210 @@
+"""Every speed option gives the plain step's loss, and ``amdim bench`` reports what it promises.
+
+The options are compared through the trainer's own step (:func:`amdim.trainer.train_one_epoch`,
+driven by the benchmark's ``_Stepper``), from the same initial weights, on the same views and the
+same RNG stream (5t5 locations, probe dropout), over two steps, so the second step also checks
+the first Adam update. Tolerances (relative, on the total loss):
+
+* channels_last, fused Adam: 1e-5 (fp32 throughout; only the summation order changes);
+* bf16 autocast: 1e-2 (bf16 has an 8-bit mantissa; the NCE scores stay fp32);
+* torch.compile: 1e-4 (inductor's fused kernels reorder fp32 sums);
+* batched vs per-image augmentation under the same parameters: views to 1e-4, loss to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from amdim import cli
+from amdim.augment import BatchedTwoViews, TorchvisionTwoViews, stack_params
+from amdim.bench import _Stepper, baseline_config, count_flops
+from amdim.config import preset, with_overrides
+from amdim.data import load_data, mix_seed
+from amdim.model import AMDIM
+from amdim.trainer import amp_dtype
+
+B = 12
+N_CLASSES = 10
+CPU = torch.device("cpu")
+TINY = with_overrides(preset("tiny"), {"data.batch_size": B, "train.device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def images():
+    bundle = load_data("synthetic:n_train=64,n_test=16")
+    return bundle.train_images[:B], bundle.train_labels[:B], bundle.mean, bundle.std
+
+
+@pytest.fixture(scope="module")
+def views(images):
+    x, y, mean, std = images
+    x1, x2 = BatchedTwoViews(TINY.aug, 32, mean, std)(x, generator=torch.Generator().manual_seed(3))
+    return x1, x2, y
+
+
+def two_step_losses(overrides: dict, views, steps: int = 2) -> list[float]:
+    """Losses of the first ``steps`` trainer steps of TINY with ``overrides``, from fixed seeds."""
+    cfg = with_overrides(TINY, overrides)
+    stepper = _Stepper(cfg, N_CLASSES, CPU, views, n_steps=10)  # seeds the weights and the RNG
+    for _ in range(steps):
+        stepper()
+    return stepper.losses
+
+
+@pytest.fixture(scope="module")
+def plain(views):
+    return two_step_losses({}, views)
+
+
+def test_channels_last_gives_the_same_loss(views, plain):
+    assert two_step_losses({"train.channels_last": True}, views) == pytest.approx(plain, rel=1e-5)
+
+
+def test_bf16_autocast_gives_the_same_loss_within_bf16_tolerance(views, plain):
+    assert amp_dtype("bf16", CPU) is torch.bfloat16
+    assert two_step_losses({"train.amp": "bf16"}, views) == pytest.approx(plain, rel=1e-2)
+    both = two_step_losses({"train.amp": "bf16", "train.channels_last": True}, views)
+    assert both == pytest.approx(plain, rel=1e-2)
+
+
+def test_bf16_autocast_runs_the_encoder_in_bf16_and_keeps_the_loss_fp32(views):
+    x1, x2, y = views
+    model = AMDIM(TINY.model, TINY.loss, N_CLASSES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r1 = model.encoder(x1)[0]
+        out = model(x1, x2, y)
+    assert r1.dtype == torch.bfloat16
+    assert all(out[k].dtype == torch.float32 for k in ("loss", "loss_nce", "g2l_1t5", "reg"))
+
+
+def test_fused_adam_gives_the_same_loss(views, plain):
+    losses = two_step_losses({"optim.fused": True}, views, steps=3)
+    assert losses[:2] == pytest.approx(plain, rel=1e-5)
+
+
+def test_optim_fused_reaches_the_cpu_optimiser(views):
+    assert _Stepper(with_overrides(TINY, {"optim.fused": True}), N_CLASSES, CPU, views, 10).fused
+    assert not _Stepper(TINY, N_CLASSES, CPU, views, 10).fused
+
+
+def test_baseline_config_turns_every_speed_option_off():
+    fast = with_overrides(
+        TINY, {"train.amp": "bf16", "train.channels_last": True, "train.compile": True, "optim.fused": True}
+    )
+    base = baseline_config(fast)
+    assert (base.train.amp, base.train.channels_last, base.train.compile, base.optim.fused) == (
+        "off",
+        False,
+        False,
+        False,
+    )
+    assert replace(base, train=fast.train, optim=fast.optim) == fast
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_loss(views, plain):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    # Inductor draws dropout and the 5t5 locations from its own RNG unless told to fall back to
+    # eager's, which a same-seed comparison needs.
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(fallback_random=True):
+            compiled = two_step_losses({"train.compile": True}, views)
+            fast = two_step_losses(
+                {"train.compile": True, "train.channels_last": True, "train.amp": "bf16"}, views
+            )
+    finally:
+        torch._dynamo.reset()
+    assert compiled == pytest.approx(plain, rel=1e-4)
+    assert fast == pytest.approx(plain, rel=1e-2)
+
+
+def test_batched_augmentation_gives_the_per_image_views_and_loss(images):
+    """The same per-image parameters (drawn as the DataLoader path draws them) through both paths."""
+    x, y, mean, std = images
+    ref = TorchvisionTwoViews(TINY.aug, 32, mean, std)
+    params = []
+    for i in range(B):
+        torch.manual_seed(mix_seed(1, 0, i))  # what amdim.data._Items does per image
+        params.append(ref.sample_params(x[i]))
+    per_image = [ref.apply(x[i], p) for i, p in enumerate(params)]
+    tv1 = torch.stack([v[0] for v in per_image])
+    tv2 = torch.stack([v[1] for v in per_image])
+    bt1, bt2 = BatchedTwoViews(TINY.aug, 32, mean, std).apply(x, stack_params(params))
+    torch.testing.assert_close(bt1, tv1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(bt2, tv2, atol=1e-4, rtol=0)
+    losses_tv = two_step_losses({}, (tv1, tv2, y))
+    losses_bt = two_step_losses({}, (bt1, bt2, y))
+    assert losses_bt == pytest.approx(losses_tv, rel=1e-5)
+
+
+def test_flops_are_counted_and_scale_with_the_batch(views):
+    _x1, _x2, _y = views
+    step, view = count_flops(TINY, N_CLASSES, views)
+    half = tuple(t[: B // 2] for t in views)
+    step_half, view_half = count_flops(TINY, N_CLASSES, half)
+    assert view > 0 and step > 4 * view  # two views forward, about twice that backward, plus NCE
+    assert view == 2 * view_half
+    assert step == pytest.approx(2 * step_half, rel=0.05)  # the NCE score matmul is quadratic in B
+
+
+REQUIRED = {
+    "step_images_per_s",
+    "baseline_images_per_s",
+    "speedup",
+    "data_images_per_s",
+    "data_torchvision_images_per_s",
+    "flops_per_image",
+    "forward_flops_per_image_per_view",
+    "tflops",
+    "peak_memory_mb",
+    "peak_memory_kind",
+    "device",
+    "torch_version",
+    "preset",
+    "image_size",
+    "ndf",
+    "n_rkhs",
+    "n_depth",
+    "batch",
+    "threads",
+    "started_at",
+    "finished_at",
+}
+
+
+def test_bench_command_prints_the_required_json(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= REQUIRED
+    assert (result["device"], result["preset"], result["batch"], result["ndf"]) == ("cpu", "tiny", 8, 32)
+    for key in ("step_images_per_s", "baseline_images_per_s", "data_images_per_s", "flops_per_image"):
+        assert result[key] > 0
+    assert result["speedup"] == pytest.approx(result["step_images_per_s"] / result["baseline_images_per_s"])
+    assert result["tflops"] == pytest.approx(result["flops_per_image"] * result["step_images_per_s"] / 1e12)
+    assert len(result["step_times_ms"]) == 2
+    assert result["loss_first_step"] == pytest.approx(result["baseline_loss_first_step"], rel=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_bench_on_cuda_without_a_gpu_is_one_line_exit_2(capsys):
+    rc = cli.main(["bench", "--preset", "tiny", "--batch-size", "8", "--device", "cuda"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "cuda" in captured.err.lower()
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "0")])
+def test_bench_rejects_bad_counts_in_one_line(capsys, flag, value):
+    rc = cli.main(["bench", "--preset", "tiny", "--batch-size", "8", "--device", "cpu", flag, value])
+    assert rc == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
