@@ -193,7 +193,8 @@ def _data_torchvision(
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated, optimised step"
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return peak, "cuda max_memory_allocated over the optimised warm-up steps"
     # Linux reports ru_maxrss in KiB: the whole process's high-water mark, not the step's alone.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS (getrusage)"
 
@@ -221,8 +222,8 @@ def _git_sha() -> str | None:
 
 
 def _load_average() -> float | None:
-    """The 1-minute load average: on a shared machine, a number above the core count means the
-    timings competed with other processes."""
+    """The 1-minute load average. It includes this benchmark's own threads (about
+    ``torch.get_num_threads()``); clearly more than that means other processes competed."""
     try:
         return os.getloadavg()[0]
     except OSError:
