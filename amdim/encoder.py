@@ -246,6 +246,19 @@ class FakeRKHSConvNet(nn.Module):
         return self.bn_out(h_res + self.shortcut(x))
 
 
+def _top(c: int, n_rkhs: int, depth: int, use_bn: bool) -> list[nn.Module]:
+    """The layers every table shares from the 7x7 map up (spec section 2.2): the (off by default)
+    BN whose output is the f7 tap, two 3x3 blocks (f5 tap after the first), the unit to 1x1 and
+    the always-on BN that gives f1."""
+    return [
+        MaybeBatchNorm2d(c, True, use_bn),  # 7: f7 tap
+        ConvResBlock(c, c, 3, 1, 0, depth, use_bn),  # 5: f5 tap
+        ConvResBlock(c, c, 3, 1, 0, depth, use_bn),  # 3
+        ConvResNxN(c, n_rkhs, 3, 1, 0, use_bn),  # 1
+        nn.BatchNorm2d(n_rkhs, affine=True),  # 1: f1, always on
+    ]
+
+
 def _trunk_32(ndf: int, n_rkhs: int, depth: int, use_bn: bool) -> list[nn.Module]:
     """Layer table of the 32x32 encoder (spec section 2.2); spatial sizes in the comments."""
     return [
@@ -253,11 +266,7 @@ def _trunk_32(ndf: int, n_rkhs: int, depth: int, use_bn: bool) -> list[nn.Module
         ConvResNxN(ndf, ndf, 1, 1, 0, use_bn),  # 30
         ConvResBlock(ndf, 2 * ndf, 4, 2, 0, depth, use_bn),  # 14
         ConvResBlock(2 * ndf, 4 * ndf, 2, 2, 0, depth, use_bn),  # 7
-        MaybeBatchNorm2d(4 * ndf, True, use_bn),  # 7: f7 tap
-        ConvResBlock(4 * ndf, 4 * ndf, 3, 1, 0, depth, use_bn),  # 5: f5 tap
-        ConvResBlock(4 * ndf, 4 * ndf, 3, 1, 0, depth, use_bn),  # 3
-        ConvResNxN(4 * ndf, n_rkhs, 3, 1, 0, use_bn),  # 1
-        nn.BatchNorm2d(n_rkhs, affine=True),  # 1: f1, always on
+        *_top(4 * ndf, n_rkhs, depth, use_bn),
     ]
 
 
@@ -268,11 +277,7 @@ def _trunk_64(ndf: int, n_rkhs: int, depth: int, use_bn: bool) -> list[nn.Module
         ConvResBlock(ndf, 2 * ndf, 4, 2, 0, depth, use_bn),  # 30
         ConvResBlock(2 * ndf, 4 * ndf, 4, 2, 0, depth, use_bn),  # 14
         ConvResBlock(4 * ndf, 8 * ndf, 2, 2, 0, depth, use_bn),  # 7
-        MaybeBatchNorm2d(8 * ndf, True, use_bn),  # 7: f7 tap
-        ConvResBlock(8 * ndf, 8 * ndf, 3, 1, 0, depth, use_bn),  # 5: f5 tap
-        ConvResBlock(8 * ndf, 8 * ndf, 3, 1, 0, depth, use_bn),  # 3
-        ConvResNxN(8 * ndf, n_rkhs, 3, 1, 0, use_bn),  # 1
-        nn.BatchNorm2d(n_rkhs, affine=True),  # 1: f1, always on
+        *_top(8 * ndf, n_rkhs, depth, use_bn),
     ]
 
 
@@ -284,11 +289,7 @@ def _trunk_128(ndf: int, n_rkhs: int, depth: int, use_bn: bool) -> list[nn.Modul
         ConvResBlock(ndf, 2 * ndf, 4, 2, 0, depth, use_bn),  # 30
         ConvResBlock(2 * ndf, 4 * ndf, 4, 2, 0, depth, use_bn),  # 14
         ConvResBlock(4 * ndf, 8 * ndf, 2, 2, 0, depth, use_bn),  # 7
-        MaybeBatchNorm2d(8 * ndf, True, use_bn),  # 7: f7 tap
-        ConvResBlock(8 * ndf, 8 * ndf, 3, 1, 0, depth, use_bn),  # 5: f5 tap
-        ConvResBlock(8 * ndf, 8 * ndf, 3, 1, 0, depth, use_bn),  # 3
-        ConvResNxN(8 * ndf, n_rkhs, 3, 1, 0, use_bn),  # 1
-        nn.BatchNorm2d(n_rkhs, affine=True),  # 1: f1, always on
+        *_top(8 * ndf, n_rkhs, depth, use_bn),
     ]
 
 
