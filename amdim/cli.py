@@ -302,6 +302,85 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from amdim import study
+    from amdim.config import parse_set_args
+    from amdim.study_spec import load_spec, smoke_variant
+
+    if args.study_command == "run":
+        overrides = parse_set_args(args.overrides)
+        if args.data:
+            overrides["data.spec"] = args.data
+        elif args.smoke_test:
+            overrides["data.spec"] = "synthetic"  # the smoke variant trains on generated data anyway
+        spec = load_spec(args.spec, overrides)
+        if args.smoke_test:
+            spec = smoke_variant(spec)
+        summary = study.run_study(spec)
+    elif args.study_command == "resume":
+        summary = study.run_study(study.load_study_spec(args.name))
+    elif args.study_command == "confirm":
+        summary = study.run_confirm(args.name, args.top, args.seeds)
+    else:
+        summary = study.study_status(args.name)
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+            return 0
+    print(study.format_status(summary))
+    if "wall_s" in summary:
+        print(f"wall-clock {summary['wall_s']:.1f} s")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from amdim import study, tracking
+    from amdim.config import with_overrides
+
+    cfg, run = study.config_from_run(args.run_id)
+    if args.epochs is not None:
+        cfg = with_overrides(cfg, {"train.epochs": args.epochs})
+    uri = tracking.tracking_uri()
+    experiment = mlflow.MlflowClient(uri).get_experiment(run.info.experiment_id).name
+    out = Path(args.out or f"runs/rerun-{args.run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"rerunning {args.run_id} ({run.info.run_name}) from its MLflow record into {out}")
+    if args.local:
+        result = train_local(cfg, out, resume=False, probe=True, experiment=experiment)
+    else:
+        from amdim.ray_train import train_ray
+
+        cfg = with_overrides(cfg, {"train.device": "auto"})
+        result = train_ray(
+            cfg, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, experiment=experiment,
+        )  # fmt: skip
+    mlflow.MlflowClient(uri).set_tag(result["run_id"], "rerun_of", args.run_id)
+    p = result["probe"]
+    print(
+        f"linear probe: test accuracy {p['test_accuracy']:.4f} after {result['epochs']} epochs; run {result['run_id']}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import compare, parse_formats, report
+
+    formats = parse_formats(args.format)
+    out = Path(args.out)
+    if args.compare:
+        info = compare(args.names, formats, out, args.metric)
+    else:
+        if len(args.names) != 1:
+            raise UserError("give one study name, or several with --compare")
+        info = report(args.names[0], formats, out, args.metric)
+    for path in info["files"]:
+        print(f"wrote {path}")
+    if "online_offline_r" in info:
+        print(f"online vs offline probe correlation r = {info['online_offline_r']:.3f}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amdim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -347,6 +426,44 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
+    p = sub.add_parser("study", help="hyperparameter studies: Ray Tune + Optuna + ASHA, tracked in MLflow")
+    ssub = p.add_subparsers(dest="study_command", required=True)
+    q = ssub.add_parser("run", help="start a study from a spec, or continue it if it exists")
+    q.add_argument("spec", help="study spec YAML (see studies/)")
+    q.add_argument("--smoke-test", action="store_true", help="same space, tiny model/data/budget")
+    q.add_argument("--data", help="data spec for the base config (overrides the spec's)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    q = ssub.add_parser("resume", help="continue a study after its driver stopped")
+    q.add_argument("name")
+    q = ssub.add_parser("status", help="trials by state, and the best so far")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q = ssub.add_parser("confirm", help="rerun the K best configurations with S new seeds each")
+    q.add_argument("name")
+    q.add_argument("--top", type=int, default=None, help="configurations (default: the spec's confirm.top)")
+    q.add_argument("--seeds", type=int, default=None, help="seeds each (default: the spec's confirm.seeds)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="tables (csv, md, tex) and plots of a study, or several with --compare")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--format", default="csv,md,tex", help="comma-separated: csv, md, tex")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--compare", action="store_true", help="one table across the named studies")
+    p.add_argument(
+        "--metric", default="probe_test_accuracy", choices=["probe_test_accuracy", "probe_val_accuracy"]
+    )
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("rerun", help="train a recorded run again from its MLflow record alone")
+    p.add_argument("run_id")
+    p.add_argument("--out", help="output folder (default runs/rerun-...)")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.set_defaults(func=cmd_rerun)
+
     p = sub.add_parser("bench", help="time the training step (vs an fp32 eager baseline) and the data path")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, required=True, help="images per step")
@@ -361,6 +478,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -36,6 +36,8 @@ RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # default 2 s: shortens every run's tail
+    # Study trials report the ranking metric (the offline probe) only in their last result.
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
 }
 FAULT_ENV = "AMDIM_FAULT_INJECT"  # "EPOCH:RANK:MARKER": SIGKILL that rank once, mid-way through epoch EPOCH+1
 
@@ -149,13 +151,47 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         dist=trainer.DistContext(rank, world),
         wrap_model=wrap,
         on_epoch_end=report,
-        log=print if rank == 0 else None,
+        log=print if rank == 0 and not loop_config.get("quiet") else None,
         device=device,
         on_step=(lambda st, i: _maybe_inject_fault(st.epoch, i, rank)) if os.environ.get(FAULT_ENV) else None,
     )
     if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
         n_classes = state.core.probes.linear.out_features
         report({"epoch": 0}, lambda: trainer.checkpoint_payload(cfg, state, n_classes))
+    if loop_config.get("probe_in_worker"):
+        _probe_and_report(cfg, state, record, rank, device)
+
+
+def _probe_and_report(cfg: Config, state, record, rank: int, device: torch.device) -> None:
+    """Study trials: the offline probe runs on rank 0's device right after training, and its result
+    goes out as one last report (epoch unchanged) so that Tune and Optuna see it."""
+    import ray.train
+
+    from amdim import data as data_mod
+    from amdim.linear_eval import evaluate_encoder
+
+    final = {
+        k: v for k, v in (state.history[-1] if state.history else {}).items() if isinstance(v, (int, float))
+    }
+    final["epoch"] = state.epoch
+    if rank == 0:
+        bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+        t0 = time.perf_counter()
+        probe = evaluate_encoder(state.core.encoder, bundle, cfg, device)
+        probe["epoch"] = state.epoch
+        probe["time_s"] = time.perf_counter() - t0
+        record.log_probe(probe)
+        if state.core.mixture is not None:
+            from amdim.cli import write_segmentation
+
+            with tempfile.TemporaryDirectory() as d:
+                png = write_segmentation(
+                    state.core, cfg, bundle, Path(d) / "segmentation.png", n=16, device=device
+                )
+                record.log_artifact(png)
+        final.update({f"probe_{k}": probe[k] for k in ("test_accuracy", "val_accuracy", "train_accuracy")})
+        final["probe_time_s"] = probe["time_s"]
+    ray.train.report(final)  # every rank: it is a barrier; Tune reads rank 0's
 
 
 def train_ray(

@@ -1,0 +1,661 @@
+"""``amdim study``: a Ray Tune search over a study spec, with Optuna, ASHA and MLflow.
+
+One study lives in one folder, ``$AMDIM_STORAGE/<name>`` (default ``runs/studies/<name>``)::
+
+    spec.json      the validated spec and its fingerprint (a changed spec is refused, not mixed in)
+    state.json     the MLflow parent run id and experiment
+    optuna.db      the Optuna study (SQLite; ``optuna-dashboard sqlite:////abs/.../optuna.db``)
+    tune/search/   the Tune experiment of the search (and tune/confirm/ for the confirm stage)
+    train/         one Ray Train run per trial, with its per-epoch checkpoints
+
+Each trial is the Train-driver-inside-a-Tune-function pattern of Ray 2.60 (Train V2): the trial
+function builds a ``TorchTrainer`` running :func:`amdim.ray_train.worker_loop`, whose rank 0
+reports every epoch's metrics (the online probe drives ASHA) and, at the end, the offline
+linear probe (which ranks the trial for Optuna). The Train run's name is the Tune trial id, so a
+restarted trial resumes from its own last checkpoint.
+
+MLflow: one parent run per study, one child run per trial nested under it (``mlflow.parentRunId``)
+with every key of the trial's flat config as a parameter (the sampled keys hold exactly the values
+Optuna chose) and a ``state`` tag: complete, early_stopped or failed. A child is found again by its
+``tune_trial_id`` tag, so a resumed study never duplicates one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from amdim import tracking
+from amdim.config import from_flat, to_flat
+from amdim.errors import UserError
+from amdim.study_spec import SpecError, StudySpec, config_id, parse_spec
+
+DRIVER_CPU = 0.25  # the trial function only waits on its Train run; workers hold the real resources
+STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_stopped", "failed", "running"
+
+
+# --- where a study lives ------------------------------------------------------------------------
+
+
+def storage_root() -> Path:
+    """``$AMDIM_STORAGE`` (shared storage on a cluster) or ``<runs>/studies``, absolute."""
+    env = os.environ.get("AMDIM_STORAGE")
+    return Path(env).expanduser().resolve() if env else tracking.runs_dir() / "studies"
+
+
+def study_dir(name: str) -> Path:
+    return storage_root() / name
+
+
+def optuna_url(name: str) -> str:
+    return f"sqlite:///{study_dir(name) / 'optuna.db'}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable study record ({exc})") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def load_study_spec(name: str) -> StudySpec:
+    """The spec a study was started with (``amdim study resume/status/confirm NAME``)."""
+    path = study_dir(name) / "spec.json"
+    if not path.is_file():
+        raise UserError(
+            f"no study named '{name}' under {storage_root()} (start it with `amdim study run SPEC`)"
+        )
+    return parse_spec(_read_json(path)["source"], origin=str(path))
+
+
+# --- resources ----------------------------------------------------------------------------------
+
+
+def trial_resources(spec: StudySpec) -> dict[str, float]:
+    b = spec.budget
+    return {"CPU": DRIVER_CPU + b.workers * b.cpus_per_worker, "GPU": b.workers * b.gpus_per_worker}
+
+
+def concurrency(spec: StudySpec, cpus: float, gpus: float) -> int:
+    """How many trials fit at once on ``cpus``/``gpus``, capped by ``budget.max_concurrent``.
+
+    Raises SpecError when not even one trial fits (named resource and amounts).
+    """
+    need = trial_resources(spec)
+    fits = [math.floor(cpus / need["CPU"] + 1e-9)]
+    if need["GPU"]:
+        if gpus < need["GPU"]:
+            raise SpecError(
+                f"budget.gpus_per_worker: a trial needs {need['GPU']:g} GPUs, the cluster has {gpus:g}"
+            )
+        fits.append(math.floor(gpus / need["GPU"] + 1e-9))
+    if fits[0] < 1:
+        raise SpecError(
+            f"budget.cpus_per_worker: a trial needs {need['CPU']:g} CPUs "
+            f"({spec.budget.workers} workers x {spec.budget.cpus_per_worker:g} + {DRIVER_CPU:g} for its driver), "
+            f"the cluster has {cpus:g}"
+        )
+    n = min(fits)
+    if spec.budget.max_concurrent:
+        n = min(n, spec.budget.max_concurrent)
+    return max(1, min(n, spec.budget.trials))
+
+
+def local_resources() -> tuple[float, float]:
+    import torch
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+# --- MLflow child runs --------------------------------------------------------------------------
+
+
+def find_child(uri: str, experiment: str, parent_id: str, tune_trial_id: str) -> str | None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.tune_trial_id = '{tune_trial_id}'",
+        max_results=2,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def mark_child(uri: str, run_id: str, state: str, status: str, extra: dict[str, str] | None = None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "state", state)
+    for k, v in (extra or {}).items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status=status)
+
+
+# --- the trial function (runs in a Tune trial actor) --------------------------------------------
+
+
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: build the trial's config, find or create its MLflow child, run Train."""
+    import mlflow
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from amdim.ray_train import set_ray_env, worker_loop
+
+    set_ray_env()
+    t0 = time.time()
+    trial_id = ray.tune.get_context().get_trial_id()
+    point = dict(config["point"]) if "point" in config else dict(config)
+    seed = point.pop("_seed", None)
+    source = point.pop("_source_trial", None)
+    sampled = {k: point[k] for k in ctx["keys"]}
+    flat = {**ctx["base_flat"], **sampled}
+    if seed is not None:
+        flat["train.seed"] = seed
+    cfg = from_flat(flat)
+    flat = to_flat(cfg)
+    uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
+
+    run_id = find_child(uri, ctx["experiment"], parent, trial_id)
+    client = mlflow.MlflowClient(uri)
+    if run_id is not None:
+        run = client.get_run(run_id)
+        if run.data.tags.get("state") == STATE_COMPLETE:
+            # Finished before the driver died, but after Tune last saved its state: report the
+            # recorded result instead of training again.
+            final = {k: v for k, v in run.data.metrics.items()}
+            ray.tune.report({**final, "epoch": int(final.get("epoch", cfg.train.epochs)), "recorded": 1})
+            return
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": "ray-tune"})
+        label = _label(ctx, sampled)
+        tags.update(
+            {
+                "study": ctx["study"],
+                "stage": ctx["stage"],
+                "tune_trial_id": trial_id,
+                "config_id": config_id(sampled),
+                "sampled_keys": ",".join(ctx["keys"]),
+                "seed": str(cfg.train.seed),
+                "setting": label,
+                "state": STATE_RUNNING,
+                **({"confirm_of": str(source)} if source is not None else {}),
+            }
+        )
+        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{cfg.train.seed}" if seed is not None else "")
+        record = tracking.RunRecord.create(uri, ctx["experiment"], name, flat, tags, parent_run_id=parent)
+        run_id = record.run_id
+    client.set_tag(run_id, "state", STATE_RUNNING)
+
+    b = ctx["budget"]
+    resources = {
+        "CPU": b["cpus_per_worker"],
+        **({"GPU": b["gpus_per_worker"]} if b["gpus_per_worker"] else {}),
+    }
+    if b["gpus_per_worker"]:
+        flat = {**flat, "train.device": "cuda"}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "flat": flat,
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "probe_in_worker": True,
+            "quiet": True,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=b["workers"], use_gpu=bool(b["gpus_per_worker"]), resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if b["gpus_per_worker"] and b["workers"] > 1 else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"{ctx['stage']}-{trial_id}",
+            storage_path=ctx["train_dir"],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(
+                max_failures=b["max_failures"], controller_failure_limit=3
+            ),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+    client.log_metric(run_id, "trial_wall_s", time.time() - t0)
+    mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
+
+
+def _device_tag(ctx: dict[str, Any]) -> str:
+    b = ctx["budget"]
+    return f"{b['workers']}x " + (f"{b['gpus_per_worker']:g} GPU" if b["gpus_per_worker"] else "CPU (gloo)")
+
+
+def _label(ctx: dict[str, Any], sampled: dict[str, Any]) -> str:
+    for point, label in zip(ctx["points"], ctx["labels"], strict=True):
+        if point == sampled:
+            return label
+    return ""
+
+
+# --- launching ----------------------------------------------------------------------------------
+
+
+def _check_existing(spec: StudySpec) -> bool:
+    """True when the study folder already holds this same spec (a resume); refuse a changed one."""
+    path = study_dir(spec.name) / "spec.json"
+    if not path.is_file():
+        return False
+    stored = _read_json(path)
+    if stored.get("fingerprint") != spec.fingerprint():
+        old, new = stored.get("source", {}), spec.source
+        changed = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), sort_keys=True, default=str)
+                         != json.dumps(new.get(k), sort_keys=True, default=str))  # fmt: skip
+        raise SpecError(
+            f"study '{spec.name}' already exists in {path.parent} with a different spec "
+            f"(changed: {', '.join(changed) or 'values'}); rename the study or delete that folder"
+        )
+    return True
+
+
+def _cluster_guard(n_nodes: int) -> None:
+    """On several nodes, results must go to storage every node can reach."""
+    if n_nodes > 1 and not os.environ.get("AMDIM_STORAGE"):
+        raise UserError(
+            f"the Ray cluster has {n_nodes} nodes but AMDIM_STORAGE is not set; "
+            "set it to a shared path (NFS mount or s3://...) every node can read and write"
+        )
+
+
+class _RayScope:
+    """``ray.init`` unless connected already; shut down only what we started."""
+
+    def __enter__(self):
+        import ray
+
+        from amdim.ray_train import set_ray_env
+
+        set_ray_env()
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level="ERROR")
+        return ray
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+
+def _cluster_resources(ray) -> tuple[float, float, int]:
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), len(nodes)
+
+
+def _parent_run(spec: StudySpec, uri: str, log) -> str:
+    """The study's MLflow parent run: created once, found again on resume."""
+    import mlflow
+
+    state_path = study_dir(spec.name) / "state.json"
+    if state_path.is_file():
+        parent = _read_json(state_path)["parent_run_id"]
+        mlflow.MlflowClient(uri).update_run(parent, status="RUNNING")
+        return parent
+    flat = to_flat(spec.base)
+    tags = tracking.run_tags(flat, "study", {"kind": "study", "study": spec.name, "stage": "study",
+                                             "spec_fingerprint": spec.fingerprint()})  # fmt: skip
+    record = tracking.RunRecord.create(uri, spec.name, f"study-{spec.name}", {}, tags)
+    client = mlflow.MlflowClient(uri)
+    b = spec.budget
+    params = {
+        "study.sampler": f"{spec.sampler.type} (seed {spec.sampler.seed})",
+        "study.scheduler": spec.scheduler.type
+        + (f" (grace {spec.scheduler.grace_period}, rf {spec.scheduler.reduction_factor})"
+           if spec.scheduler.type == "asha" else ""),
+        "study.trials": b.trials,
+        "study.epochs": b.epochs,
+        "study.objective.online": spec.online_metric,
+        "study.objective.rank": spec.rank_metric,
+        "study.searched": ",".join(spec.keys),
+        "study.resources": f"{b.workers} workers x ({b.cpus_per_worker:g} CPU, {b.gpus_per_worker:g} GPU)",
+    }  # fmt: skip
+    for k, v in params.items():
+        client.log_param(record.run_id, k, str(v))
+    record.log_dict(spec.source, "spec.json")
+    _write_json(state_path, {"parent_run_id": record.run_id, "experiment": spec.name, "tracking_uri": uri})
+    log(f"MLflow: experiment '{spec.name}', parent run {record.run_id}")
+    return record.run_id
+
+
+def _ctx(spec: StudySpec, uri: str, parent: str, stage: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    sdir = study_dir(spec.name)
+    return {
+        "study": spec.name,
+        "stage": stage,
+        "experiment": spec.name,
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "base_flat": to_flat(spec.base),
+        "keys": spec.keys,
+        "points": [dict(p) for p in spec.points],
+        "labels": list(spec.point_labels),
+        "budget": asdict(spec.budget),
+        "train_dir": str(sdir / "train"),
+    }
+
+
+def _fail_orphans(spec: StudySpec) -> int:
+    """Optuna trials left RUNNING by a driver that died before Tune saved them: mark them FAIL."""
+    import optuna
+
+    path = study_dir(spec.name) / "optuna.db"
+    if not path.is_file():
+        return 0
+    storage = optuna.storages.RDBStorage(optuna_url(spec.name))
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+    except KeyError:
+        return 0
+    n = 0
+    for t in storage.get_all_trials(study_id, deepcopy=False):
+        if t.state == optuna.trial.TrialState.RUNNING:
+            storage.set_trial_user_attr(t._trial_id, "state", "abandoned")
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            n += 1
+    return n
+
+
+def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Path, log):
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from amdim.study_search import StudyProgress
+
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), {"CPU": DRIVER_CPU})
+    if ray.tune.Tuner.can_restore(str(exp_path)):
+        log(f"resuming the {ctx['stage']} stage from {exp_path}")
+        return ray.tune.Tuner.restore(
+            str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    progress = StudyProgress(ctx, spec.budget.epochs, spec.online_metric, spec.rank_metric)
+    run_config = ray.tune.RunConfig(
+        name=exp_path.name,
+        storage_path=str(exp_path.parent),
+        verbose=0,
+        failure_config=ray.tune.FailureConfig(max_failures=spec.budget.max_failures),
+        callbacks=[progress],
+    )
+    if ctx["stage"] == "confirm":
+        return ray.tune.Tuner(
+            trainable,
+            param_space={"point": ray.tune.grid_search(ctx["confirm_points"])},
+            tune_config=ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=n_concurrent),
+            run_config=run_config,
+        )
+    orphans = _fail_orphans(spec)
+    if orphans:
+        log(f"marked {orphans} Optuna trial(s) left running by an earlier driver as failed")
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            metric=spec.online_metric,
+            mode=spec.online_mode,
+            max_t=spec.budget.epochs + 1,  # > the last epoch, or ASHA stops every trial before its probe
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+        if spec.scheduler.type == "asha"
+        else FIFOScheduler()
+    )
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            search_alg=_searcher(spec),
+            scheduler=scheduler,
+            num_samples=spec.budget.trials,
+            max_concurrent_trials=n_concurrent,
+        ),
+        run_config=run_config,
+    )
+
+
+def _searcher(spec: StudySpec):
+    import optuna
+    import optuna.distributions as dist
+
+    from amdim.study_search import AmdimOptunaSearch
+
+    space = {}
+    for p in spec.search:
+        if p.type == "choice":
+            space[p.key] = dist.CategoricalDistribution(list(p.values))
+        elif p.type == "int":
+            space[p.key] = dist.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)
+        else:
+            space[p.key] = dist.FloatDistribution(float(p.low), float(p.high), log=p.log)
+    if spec.sampler.type == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler.seed)
+    elif spec.sampler.type == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.sampler.seed)
+    else:
+        sampler = optuna.samplers.GridSampler(
+            {p.key: p.grid_values() for p in spec.search}, seed=spec.sampler.seed
+        )
+    return AmdimOptunaSearch(
+        space=space,
+        metric=spec.rank_metric,
+        mode="max",
+        online_metric=spec.online_metric,
+        sampler=sampler,
+        study_name=spec.name,
+        storage=optuna.storages.RDBStorage(optuna_url(spec.name)),
+        points_to_evaluate=[dict(p) for p in spec.points] or None,
+    )
+
+
+def run_study(spec: StudySpec, *, log=print) -> dict[str, Any]:
+    """Run (or continue) the search stage of ``spec``; returns the status summary."""
+    resuming = _check_existing(spec)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    if not os.environ.get("RAY_ADDRESS"):
+        concurrency(spec, *local_resources())  # fail before Ray starts
+    return _run_stage(spec, "search", uri, resuming, log)
+
+
+def _run_stage(
+    spec: StudySpec, stage: str, uri: str, resuming: bool, log, confirm_points=None
+) -> dict[str, Any]:
+    import mlflow
+
+    sdir = study_dir(spec.name)
+    t0 = time.perf_counter()
+    with _RayScope() as ray:
+        cpus, gpus, nodes = _cluster_resources(ray)
+        n = concurrency(spec, cpus, gpus)
+        _cluster_guard(nodes)
+        sdir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            _write_json(sdir / "spec.json", {"fingerprint": spec.fingerprint(), "source": spec.source})
+        parent = _parent_run(spec, uri, log)
+        ctx = _ctx(spec, uri, parent, stage)
+        if confirm_points is not None:
+            ctx["confirm_points"] = confirm_points
+        total = len(confirm_points) if confirm_points is not None else spec.budget.trials
+        log(
+            f"study '{spec.name}' {stage}: {total} trials, {n} at a time "
+            f"({cpus:g} CPUs, {gpus:g} GPUs on {nodes} node(s)); folder {sdir}"
+        )
+        status = "KILLED"
+        try:
+            tuner = _tuner(spec, ctx, n, sdir / "tune" / stage, log)
+            tuner.fit()
+            status = "FINISHED"
+        finally:
+            wall = time.perf_counter() - t0
+            client = mlflow.MlflowClient(uri)
+            client.log_metric(parent, f"{stage}_wall_s", wall)
+            client.set_terminated(parent, status=status)
+            if stage == "search":
+                _fail_orphans(spec)
+    summary = study_status(spec.name)
+    summary["wall_s"] = wall
+    return summary
+
+
+def confirm_points(spec: StudySpec, top: int, seeds: int) -> list[dict[str, Any]]:
+    """The ``top`` best complete search trials (distinct configs), each with ``seeds`` new seeds."""
+    import optuna
+
+    study = optuna.load_study(study_name=spec.name, storage=optuna_url(spec.name))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if not done:
+        raise UserError(f"study '{spec.name}' has no complete trial to confirm yet")
+    best: list[Any] = []
+    for t in sorted(done, key=lambda t: (-t.value, t.number)):
+        if all(t.params != b.params for b in best):
+            best.append(t)
+    base_seed = spec.base.train.seed
+    return [
+        {**{k: t.params[k] for k in spec.keys}, "_seed": base_seed + s, "_source_trial": t.number}
+        for t in best[:top]
+        for s in range(1, seeds + 1)
+    ]
+
+
+def run_confirm(name: str, top: int | None, seeds: int | None, *, log=print) -> dict[str, Any]:
+    spec = load_study_spec(name)
+    top = top or spec.confirm.top
+    seeds = seeds or spec.confirm.seeds
+    if top < 1 or seeds < 1:
+        raise UserError(f"--top and --seeds must be >= 1, got {top} and {seeds}")
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    path = study_dir(name) / "confirm.json"
+    points = confirm_points(spec, top, seeds)
+    if path.is_file():
+        stored = _read_json(path)
+        if (stored["top"], stored["seeds"]) != (top, seeds):
+            raise UserError(
+                f"the confirm stage of '{name}' already ran with --top {stored['top']} --seeds {stored['seeds']}"
+            )
+        points = stored["points"]  # the same trials, even if the search changed its ranking since
+    else:
+        study_dir(name).mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"top": top, "seeds": seeds, "points": points})
+    if not os.environ.get("RAY_ADDRESS"):
+        concurrency(spec, *local_resources())
+    return _run_stage(spec, "confirm", uri, True, log, confirm_points=points)
+
+
+# --- reading a study back -----------------------------------------------------------------------
+
+
+def child_runs(name: str, uri: str | None = None):
+    """The study's child runs as an MLflow DataFrame (empty when none)."""
+    import mlflow
+
+    uri = uri or tracking.tracking_uri()
+    state = _read_json(study_dir(name) / "state.json") if (study_dir(name) / "state.json").is_file() else None
+    if state is None:
+        return None
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(state["experiment"])
+    if exp is None:
+        return None
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+    )
+
+
+def study_status(name: str) -> dict[str, Any]:
+    """Counts of trials by state per stage (from MLflow) and Optuna's view of the search."""
+    import optuna
+
+    spec = load_study_spec(name)
+    out: dict[str, Any] = {"study": name, "folder": str(study_dir(name)), "stages": {}}
+    runs = child_runs(name)
+    if runs is not None and len(runs):
+        for stage, group in runs.groupby("tags.stage"):
+            out["stages"][stage] = {str(k): int(v) for k, v in group["tags.state"].value_counts().items()}
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_url(name))
+    except KeyError:
+        return out
+    out["optuna"] = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    out["optuna"] = {k: v for k, v in out["optuna"].items() if v}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if done:
+        best = max(done, key=lambda t: t.value)
+        out["best"] = {"number": best.number, spec.rank_metric: best.value, "params": best.params,
+                       "tune_trial_id": best.user_attrs.get("tune_trial_id")}  # fmt: skip
+    return out
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"study {status['study']} ({status['folder']})"]
+    if not status["stages"]:
+        lines.append("  no trials recorded yet")
+    for stage, counts in status["stages"].items():
+        total = sum(counts.values())
+        parts = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        lines.append(f"  {stage}: {total} trials: {parts}")
+    if "optuna" in status:
+        lines.append("  optuna: " + ", ".join(f"{v} {k}" for k, v in status["optuna"].items()))
+    if "best" in status:
+        b = status["best"]
+        metric = next(k for k in b if k.startswith("probe_"))
+        params = " ".join(f"{k}={v}" for k, v in b["params"].items())
+        lines.append(f"  best: trial {b['number']} {metric} {b[metric]:.4f}: {params}")
+    return "\n".join(lines)
+
+
+def config_from_run(run_id: str):
+    """The exact config a recorded run was built from, rebuilt from its MLflow params alone."""
+    import mlflow
+
+    from amdim.config import all_keys
+
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"run {run_id}: no MLflow store at {uri[len('sqlite:///') :]} (set AMDIM_RUNS_DIR or MLFLOW_TRACKING_URI)"
+        )
+    try:
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"run {run_id}: not found in {uri} ({first})") from None
+    params = run.data.params
+    missing = [k for k in all_keys() if k not in params]
+    if missing:
+        raise UserError(
+            f"run {run_id}: its parameters lack {len(missing)} config keys (e.g. {missing[0]}); not an amdim run"
+        )
+    cfg = from_flat({k: params[k] for k in all_keys()})
+    rebuilt = {k: str(v) for k, v in to_flat(cfg).items()}
+    differ = [k for k in all_keys() if rebuilt[k] != params[k]]
+    if differ:
+        raise UserError(
+            f"run {run_id}: {differ[0]}={params[differ[0]]!r} does not round-trip ({rebuilt[differ[0]]!r})"
+        )
+    return cfg, run

@@ -1,0 +1,154 @@
+"""Ray-side pieces of a study: the Optuna searcher and the driver's progress/MLflow callback.
+
+They live in their own module because they subclass Ray classes (so this module imports Ray at
+import time) and because Tune pickles them into the experiment state: ``Tuner.restore`` must be
+able to import them by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+
+class AmdimOptunaSearch(OptunaSearch):
+    """OptunaSearch that ranks on the final offline probe and records the online probe per epoch.
+
+    Ray's OptunaSearch reports ``result[metric]`` to Optuna on every result, which fails when the
+    ranking metric (the offline probe) exists only in a trial's last result. Here the per-epoch
+    intermediate values are the online probe (``online_metric``, step = epoch), and a trial whose
+    last result has no ranking metric (ASHA stopped it) is told to Optuna as PRUNED, not as a
+    COMPLETE trial with an early, worse value. Each Optuna trial carries the Tune trial id as the
+    user attribute ``tune_trial_id`` so MLflow runs and Optuna trials can be joined.
+    """
+
+    def __init__(self, *args: Any, online_metric: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._online_metric = online_metric
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None and config is not Searcher.FINISHED and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        self._report_online(trial_id, result)
+
+    def _report_online(self, trial_id: str, result: dict) -> None:
+        value = result.get(self._online_metric)
+        if value is None or value != value:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        ot_trial = self._ot_trials[trial_id]
+        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            return  # the final report repeats the last epoch
+        ot_trial.report(float(value), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            if result:  # the result ASHA stopped a trial on never reaches on_trial_result
+                with contextlib.suppress(Exception):
+                    self._report_online(trial_id, result)
+            finished = bool(result) and result.get(self.metric) is not None
+            state = "complete" if finished else "failed" if error else "early_stopped"
+            try:
+                self._ot_trials[trial_id].set_user_attr("state", state)
+                if result and "epoch" in result:
+                    self._ot_trials[trial_id].set_user_attr("epochs", int(result["epoch"]))
+            except Exception:  # already finished in the database (told before a driver crash)
+                pass
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class StudyProgress(Callback):
+    """One line per trial event on the driver, and MLflow states for trials that did not finish.
+
+    A trial that finishes marks its own MLflow run complete. One that ASHA stops is killed
+    before it can, so its run is marked here (``state=early_stopped``, status KILLED); a trial
+    that fails is marked ``failed``.
+    """
+
+    def __init__(self, ctx: dict[str, Any], epochs: int, online: str, rank: str):
+        self.ctx = ctx
+        self.epochs = epochs
+        self.online = online
+        self.rank = rank
+        self.t0 = time.time()
+
+    def _say(self, text: str) -> None:
+        print(f"[{self.ctx['study']}/{self.ctx['stage']} {time.time() - self.t0:6.0f}s] {text}", flush=True)
+
+    @staticmethod
+    def _name(trial) -> str:
+        return trial.trial_id
+
+    def _params(self, trial) -> str:
+        config = trial.config.get("point", trial.config)
+        return " ".join(f"{k}={v}" for k, v in config.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._say(f"trial {self._name(trial)} started: {self._params(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.rank in result:
+            return  # the final report; on_trial_complete prints it
+        value = result.get(self.online)
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        self._say(
+            f"trial {self._name(trial)} epoch {result.get('epoch')}/{self.epochs} {self.online} {shown}"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        if self.rank in last:
+            other = "probe_test_accuracy" if self.rank == "probe_val_accuracy" else "probe_val_accuracy"
+            self._say(
+                f"trial {self._name(trial)} complete: {self.rank} {last[self.rank]:.4f} "
+                f"({other} {last.get(other, float('nan')):.4f})"
+            )
+            return
+        self._say(f"trial {self._name(trial)} early-stopped by ASHA at epoch {last.get('epoch', 0)}")
+        self._mark(trial, "early_stopped", "KILLED", last)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(f"trial {self._name(trial)} failed: {_error_line(trial)}")
+        self._mark(trial, "failed", "FAILED", trial.last_result or {})
+
+    def _mark(self, trial, state: str, status: str, last: dict) -> None:
+        from amdim.study import find_child, mark_child
+
+        try:
+            run_id = find_child(
+                self.ctx["tracking_uri"], self.ctx["experiment"], self.ctx["parent_run_id"], trial.trial_id
+            )
+            if run_id is not None:
+                mark_child(
+                    self.ctx["tracking_uri"],
+                    run_id,
+                    state,
+                    status,
+                    {"stopped_at_epoch": str(last.get("epoch", 0))},
+                )
+        except Exception as exc:  # the record is secondary to the search: never kill the study for it
+            self._say(f"could not mark trial {trial.trial_id} {state} in MLflow: {exc}")
+
+
+def _error_line(trial) -> str:
+    import re
+
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        with open(path) as fh:
+            lines = [ln.strip() for ln in fh.read().splitlines() if ln.strip()]
+    except OSError:
+        return "see the trial's error file"
+    causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b:?", ln)]
+    return (causes[-1] if causes else lines[-1] if lines else "unknown error")[:200]

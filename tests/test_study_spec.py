@@ -1,0 +1,207 @@
+"""Study specs: the shipped ones parse, and every kind of bad input is one line and exit code 2,
+before Ray starts and without writing to MLflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amdim import cli
+from amdim.study_spec import canonical, load_spec, parse_spec, smoke_variant
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+SHIPPED = ["smoke", "augmentation", "nce", "multiscale", "mixture", "full"]
+
+
+def _good() -> dict:
+    return yaml.safe_load((STUDIES / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_specs_parse_and_shrink(name):
+    spec = load_spec(STUDIES / f"{name}.yaml", {"data.spec": "synthetic"})
+    assert spec.name == name and spec.search and spec.budget.trials >= len(spec.points)
+    small = smoke_variant(spec)
+    assert small.keys == spec.keys and small.budget.epochs == 2 and small.base.model.ndf == 16
+    for point in spec.points:  # every listed paper setting builds a valid config
+        spec.trial_config(point)
+
+
+def test_paper_ablation_settings_are_points():
+    nce = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
+    labelled = dict(zip(nce.point_labels, nce.points, strict=True))
+    assert labelled["λ = 0"]["loss.reg_weight"] == 0.0
+    assert labelled["tclip off"]["loss.tclip"] is None
+    assert labelled["paper default"] == {"loss.reg_weight": 0.05, "loss.tclip": 20.0}
+    multi = load_spec(STUDIES / "multiscale.yaml", {"data.spec": "synthetic"})
+    assert {p["loss.pairs"] for p in multi.points} == set(multi.search[0].values)  # all 7 subsets
+    aug = load_spec(STUDIES / "augmentation.yaml", {"data.spec": "synthetic"})
+    assert dict(zip(aug.point_labels, aug.points, strict=True))["no colour jitter"]["aug.jitter_p"] == 0.0
+
+
+def test_choice_values_are_canonical_flat_values():
+    assert canonical("loss.tclip", "off") is None
+    assert canonical("loss.pairs", ["1t7", "1t5"]) == "1t7,1t5"
+    assert canonical("loss.n_mix", "4") == 4
+
+
+def test_grid_sampler_counts_its_points():
+    raw = _good()
+    raw["search"] = {
+        "loss.tclip": {"type": "choice", "values": [10.0, "off"]},
+        "model.n_depth": {"type": "int", "low": 1, "high": 3},
+    }
+    raw["sampler"] = {"type": "grid"}
+    raw.pop("points")
+    raw["budget"].pop("trials")
+    spec = parse_spec(raw)
+    assert spec.grid_size() == 6 and spec.budget.trials == 6
+
+
+def _mutate(path: str, value):
+    def apply(raw: dict) -> dict:
+        node = raw
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is _DELETE:
+            node.pop(last)
+        else:
+            node[last] = value
+        return raw
+
+    return apply
+
+
+_DELETE = object()
+BAD = {
+    "unknown top-level key": (_mutate("epochs", 3), "epochs: unknown key"),
+    "unknown config key in search": (
+        _mutate("search/loss.temperature", {"type": "float", "low": 0.1, "high": 1}),
+        "search.loss.temperature: unknown config key",
+    ),
+    "unknown config key in base.set": (
+        _mutate("base/set/model.width", 3),
+        "base.set.model.width: unknown config key",
+    ),
+    "wrong type for trials": (_mutate("budget/trials", "many"), "budget.trials: expected an integer"),
+    "wrong type for a bound": (
+        _mutate("search/loss.reg_weight", {"type": "float", "low": "zero", "high": 0.1}),
+        "search.loss.reg_weight.low: expected a number",
+    ),
+    "empty range": (
+        _mutate("search/loss.reg_weight", {"type": "float", "low": 0.1, "high": 0.1}),
+        "search.loss.reg_weight: empty range",
+    ),
+    "inverted range": (
+        _mutate("search/loss.reg_weight", {"type": "float", "low": 0.2, "high": 0.1}),
+        "search.loss.reg_weight: inverted range",
+    ),
+    "log scale from zero": (
+        _mutate("search/loss.reg_weight", {"type": "float", "low": 0.0, "high": 0.1, "log": True}),
+        "search.loss.reg_weight.low: log scale needs low > 0",
+    ),
+    "empty choices": (
+        _mutate("search/loss.tclip", {"type": "choice", "values": []}),
+        "search.loss.tclip.values",
+    ),
+    "choice invalid for the field": (
+        _mutate("search/loss.pairs", {"type": "choice", "values": ["1t9"]}),
+        "search.loss.pairs.values: value '1t9' gives an invalid config",
+    ),
+    "range end invalid for the field": (
+        _mutate("search/aug.jitter_p", {"type": "float", "low": 0.0, "high": 1.5}),
+        "search.aug.jitter_p: value 1.5 gives an invalid config",
+    ),
+    "unknown online metric": (
+        _mutate("objective/online", "val_acc"),
+        "objective.online: unknown value 'val_acc'",
+    ),
+    "unknown rank metric": (_mutate("objective/rank", "top5"), "objective.rank: unknown value 'top5'"),
+    "unknown dataset": (
+        _mutate("base/data", "imagenet21k:/data"),
+        "base.data: unknown dataset kind 'imagenet21k'",
+    ),
+    "missing dataset": (
+        _mutate("base/data", "cifar10:/nonexistent/cifar"),
+        "base.data: dataset path /nonexistent",
+    ),
+    "unknown scheduler": (_mutate("scheduler/type", "pbt"), "scheduler.type: unknown value 'pbt'"),
+    "grace period beyond the epochs": (
+        _mutate("scheduler/grace_period", 3),
+        "scheduler.grace_period: must be <",
+    ),
+    "fractional GPUs on several workers": (
+        _mutate("budget/workers", 2),
+        "budget.gpus_per_worker: fractional GPUs",
+    ),
+    "point outside the space": (
+        _mutate("points", [{"label": "x", "loss.reg_weight": 0.5}]),
+        "points[0].loss.reg_weight: value 0.5 lies outside the search space",
+    ),
+    "grid over a float range": (_mutate("sampler/type", "grid"), "grid sampler needs type choice or int"),
+    "bad study name": (_mutate("name", "a/b"), "name: must be 1-64 letters"),
+    "GPUs beyond the machine": (
+        _mutate("budget/gpus_per_worker", 1),
+        "budget.gpus_per_worker: a trial needs 1 GPUs",
+    ),
+    "CPUs beyond the machine": (
+        _mutate("budget/cpus_per_worker", 64),
+        "budget.cpus_per_worker: a trial needs",
+    ),
+}
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMDIM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("AMDIM_STORAGE", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_spec_is_one_line_exit_2_before_ray_and_mlflow(case, isolated, capsys):
+    import ray
+
+    mutate, expected = BAD[case]
+    raw = _good()
+    if case == "fractional GPUs on several workers":
+        raw["budget"]["gpus_per_worker"] = 0.5
+    if case == "GPUs beyond the machine":
+        import torch
+
+        if torch.cuda.is_available():
+            raw["budget"]["gpus_per_worker"] = torch.cuda.device_count() + 1
+    spec_path = isolated / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(mutate(raw), allow_unicode=True))
+    code = cli.main(["study", "run", str(spec_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and err.startswith("amdim: error: "), err
+    assert expected in err, err
+    assert not ray.is_initialized()
+    runs = isolated / "runs"
+    assert not (runs / "mlflow.db").exists() and not (runs / "studies").exists()
+
+
+def test_missing_and_malformed_spec_files(isolated, capsys):
+    assert cli.main(["study", "run", str(isolated / "nope.yaml")]) == 2
+    assert "nope.yaml: study spec not found" in capsys.readouterr().err
+    bad = isolated / "bad.yaml"
+    bad.write_text("name: x\nsearch: [unclosed\n")
+    assert cli.main(["study", "run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML at line" in err and err.count("\n") == 0
+    assert not (isolated / "runs" / "mlflow.db").exists()
+
+
+def test_unknown_study_name_for_status_resume_confirm(isolated, capsys):
+    for cmd in (["status", "nope"], ["resume", "nope"], ["confirm", "nope"]):
+        assert cli.main(["study", *cmd]) == 2
+        assert "no study named 'nope'" in capsys.readouterr().err
+    assert not os.path.exists(isolated / "runs" / "mlflow.db")
