@@ -38,6 +38,7 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # default 2 s: shortens every run's tail
     # Study trials report the ranking metric (the offline probe) only in their last result.
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0 the legacy reporter prints nothing; studies print their own lines
 }
 FAULT_ENV = "AMDIM_FAULT_INJECT"  # "EPOCH:RANK:MARKER": SIGKILL that rank once, mid-way through epoch EPOCH+1
 
@@ -129,6 +130,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             payload = ckpt_io.load(Path(d) / "checkpoint.pt")
     start_epoch = int(payload["epoch"]) if payload else 0
     record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if record is not None:
+        import ray
+
+        record.set_tags({"worker_node": ray.get_runtime_context().get_node_id()})
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         ids = [device.index] if device.type == "cuda" else None
@@ -181,6 +186,7 @@ def _probe_and_report(cfg: Config, state, record, rank: int, device: torch.devic
         probe["epoch"] = state.epoch
         probe["time_s"] = time.perf_counter() - t0
         record.log_probe(probe)
+        record.log_metrics({"probe_time_s": probe["time_s"]}, step=state.epoch)
         if state.core.mixture is not None:
             from amdim.cli import write_segmentation
 

@@ -44,6 +44,11 @@ STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_st
 def storage_root() -> Path:
     """``$AMDIM_STORAGE`` (shared storage on a cluster) or ``<runs>/studies``, absolute."""
     env = os.environ.get("AMDIM_STORAGE")
+    if env and "://" in env:
+        raise UserError(
+            f"AMDIM_STORAGE={env}: must be a filesystem path shared by all nodes (an NFS mount); "
+            "object storage URIs are not supported for study folders"
+        )
     return Path(env).expanduser().resolve() if env else tracking.runs_dir() / "studies"
 
 
@@ -82,39 +87,51 @@ def load_study_spec(name: str) -> StudySpec:
 
 
 def trial_resources(spec: StudySpec) -> dict[str, float]:
+    """Everything one trial holds at once: its driver actor plus its Train workers."""
     b = spec.budget
-    return {"CPU": DRIVER_CPU + b.workers * b.cpus_per_worker, "GPU": b.workers * b.gpus_per_worker}
+    need = {"CPU": DRIVER_CPU + b.workers * b.cpus_per_worker, "GPU": b.workers * b.gpus_per_worker}
+    for name, amount in b.worker_resources:
+        need[name] = need.get(name, 0.0) + b.workers * amount
+    for name, amount in b.driver_resources:
+        need[name] = need.get(name, 0.0) + amount
+    return need
 
 
-def concurrency(spec: StudySpec, cpus: float, gpus: float) -> int:
-    """How many trials fit at once on ``cpus``/``gpus``, capped by ``budget.max_concurrent``.
+def concurrency(spec: StudySpec, cpus: float, gpus: float, custom: dict[str, float] | None = None) -> int:
+    """How many trials fit at once on the cluster, capped by ``budget.max_concurrent``.
 
-    Raises SpecError when not even one trial fits (named resource and amounts).
+    Raises SpecError when not even one trial fits (naming the resource and the amounts).
     """
-    need = trial_resources(spec)
-    fits = [math.floor(cpus / need["CPU"] + 1e-9)]
-    if need["GPU"]:
-        if gpus < need["GPU"]:
-            raise SpecError(
-                f"budget.gpus_per_worker: a trial needs {need['GPU']:g} GPUs, the cluster has {gpus:g}"
+    have = {"CPU": cpus, "GPU": gpus, **(custom or {})}
+    fits = []
+    for name, amount in trial_resources(spec).items():
+        if not amount:
+            continue
+        n = math.floor(have.get(name, 0.0) / amount + 1e-9)
+        if n < 1:
+            field = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name, "worker_resources")
+            detail = (
+                f" ({spec.budget.workers} workers x {spec.budget.cpus_per_worker:g} + {DRIVER_CPU:g} for its driver)"
+                if name == "CPU"
+                else ""
             )
-        fits.append(math.floor(gpus / need["GPU"] + 1e-9))
-    if fits[0] < 1:
-        raise SpecError(
-            f"budget.cpus_per_worker: a trial needs {need['CPU']:g} CPUs "
-            f"({spec.budget.workers} workers x {spec.budget.cpus_per_worker:g} + {DRIVER_CPU:g} for its driver), "
-            f"the cluster has {cpus:g}"
-        )
+            raise SpecError(
+                f"budget.{field}: a trial needs {amount:g} {name}{'s' if name in ('CPU', 'GPU') else ''}{detail}, "
+                f"the cluster has {have.get(name, 0.0):g}"
+            )
+        fits.append(n)
     n = min(fits)
     if spec.budget.max_concurrent:
         n = min(n, spec.budget.max_concurrent)
     return max(1, min(n, spec.budget.trials))
 
 
-def local_resources() -> tuple[float, float]:
+def local_resources() -> tuple[float, float, dict[str, float]]:
+    """What a local Ray started by this process will have (custom resources: none)."""
     import torch
 
-    return float(os.cpu_count() or 1), float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return float(os.cpu_count() or 1), gpus, {}
 
 
 # --- MLflow child runs --------------------------------------------------------------------------
@@ -151,6 +168,7 @@ def mark_child(uri: str, run_id: str, state: str, status: str, extra: dict[str, 
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: build the trial's config, find or create its MLflow child, run Train."""
     import mlflow
+    import ray
     import ray.train
     import ray.tune
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -203,9 +221,11 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         record = tracking.RunRecord.create(uri, ctx["experiment"], name, flat, tags, parent_run_id=parent)
         run_id = record.run_id
     client.set_tag(run_id, "state", STATE_RUNNING)
+    client.set_tag(run_id, "driver_node", ray.get_runtime_context().get_node_id())
 
     b = ctx["budget"]
     resources = {
+        **dict(map(tuple, b["worker_resources"])),
         "CPU": b["cpus_per_worker"],
         **({"GPU": b["gpus_per_worker"]} if b["gpus_per_worker"] else {}),
     }
@@ -271,12 +291,44 @@ def _check_existing(spec: StudySpec) -> bool:
     return True
 
 
-def _cluster_guard(n_nodes: int) -> None:
-    """On several nodes, results must go to storage every node can reach."""
-    if n_nodes > 1 and not os.environ.get("AMDIM_STORAGE"):
+def _cluster_guard(ray, n_nodes: int) -> None:
+    """On several nodes, study folders must live on storage every node reads and writes: refuse to
+    start without ``AMDIM_STORAGE``, and check that every node really sees the same folder."""
+    if n_nodes <= 1:
+        return
+    env = os.environ.get("AMDIM_STORAGE")
+    if not env:
         raise UserError(
-            f"the Ray cluster has {n_nodes} nodes but AMDIM_STORAGE is not set; "
-            "set it to a shared path (NFS mount or s3://...) every node can read and write"
+            f"the Ray cluster has {n_nodes} nodes but AMDIM_STORAGE is not set; set it to a shared "
+            "filesystem path (e.g. an NFS mount) that every node can read and write"
+        )
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = storage_root()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".storage-check-{uuid.uuid4().hex}"
+    marker.write_text("amdim\n")
+    try:
+        probe = ray.remote(num_cpus=0)(lambda p: os.path.exists(p))
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        seen = ray.get(
+            [
+                probe.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(marker))
+                for n in nodes
+            ],
+            timeout=120,
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen, strict=True) if not ok]
+    if blind:
+        raise UserError(
+            f"AMDIM_STORAGE={env} is not shared: node(s) {', '.join(blind)} cannot see it; "
+            "mount the same filesystem at that path on every node"
         )
 
 
@@ -301,10 +353,10 @@ class _RayScope:
             ray.shutdown()
 
 
-def _cluster_resources(ray) -> tuple[float, float, int]:
-    res = ray.cluster_resources()
+def _cluster_resources(ray) -> tuple[float, float, dict[str, float], int]:
+    res = {k: float(v) for k, v in ray.cluster_resources().items()}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), len(nodes)
+    return res.get("CPU", 0.0), res.get("GPU", 0.0), res, len(nodes)
 
 
 def _parent_run(spec: StudySpec, uri: str, log) -> str:
@@ -388,7 +440,8 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
 
     from amdim.study_search import StudyProgress
 
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), {"CPU": DRIVER_CPU})
+    driver = {"CPU": DRIVER_CPU, **dict(spec.budget.driver_resources)}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), driver)
     if ray.tune.Tuner.can_restore(str(exp_path)):
         log(f"resuming the {ctx['stage']} stage from {exp_path}")
         return ray.tune.Tuner.restore(
@@ -409,6 +462,9 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
             tune_config=ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=n_concurrent),
             run_config=run_config,
         )
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     orphans = _fail_orphans(spec)
     if orphans:
         log(f"marked {orphans} Optuna trial(s) left running by an earlier driver as failed")
@@ -488,9 +544,9 @@ def _run_stage(
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
     with _RayScope() as ray:
-        cpus, gpus, nodes = _cluster_resources(ray)
-        n = concurrency(spec, cpus, gpus)
-        _cluster_guard(nodes)
+        cpus, gpus, custom, nodes = _cluster_resources(ray)
+        n = concurrency(spec, cpus, gpus, custom)
+        _cluster_guard(ray, nodes)
         sdir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             _write_json(sdir / "spec.json", {"fingerprint": spec.fingerprint(), "source": spec.source})

@@ -99,6 +99,9 @@ class Budget:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2  # per trial: Tune re-runs it, the Train run resumes from its checkpoint
+    # Custom Ray resources, e.g. {"gpu_node": 1} per Train worker, {"head": 0.01} per trial driver.
+    worker_resources: tuple[tuple[str, float], ...] = ()
+    driver_resources: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,19 @@ def _num(obj: dict[str, Any], key: str, where: str, default: float, minimum: flo
     if value < minimum:
         _fail(f"{where}.{key}", f"must be >= {minimum}, got {value}")
     return float(value)
+
+
+def _resources(obj: dict[str, Any], key: str) -> tuple[tuple[str, float], ...]:
+    raw = _mapping(obj.get(key), f"budget.{key}")
+    out = []
+    for name, amount in raw.items():
+        where = f"budget.{key}.{name}"
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            _fail(where, "use cpus_per_worker / gpus_per_worker; this is for custom resources")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+            _fail(where, f"expected a positive number, got {amount!r}")
+        out.append((str(name), float(amount)))
+    return tuple(out)
 
 
 def _str(obj: dict[str, Any], key: str, where: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -385,6 +401,8 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
         cpus_per_worker=_num(budget_raw, "cpus_per_worker", "budget", 1.0, 0.01),
         gpus_per_worker=_num(budget_raw, "gpus_per_worker", "budget", 0.0, 0.0),
         max_failures=_int(budget_raw, "max_failures", "budget", 2, 0),
+        worker_resources=_resources(budget_raw, "worker_resources"),
+        driver_resources=_resources(budget_raw, "driver_resources"),
     )
     if 0 < budget.gpus_per_worker < 1 and budget.workers > 1:
         _fail(

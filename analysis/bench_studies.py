@@ -1,0 +1,166 @@
+"""Study benchmarks for docs/benchmarks.md (each prints one JSON object).
+
+``python -m analysis.bench_studies smoke``
+    Runs ``studies/smoke.yaml`` in a fresh runs folder and splits its wall-clock into in-trial
+    work (the training epochs and the offline probes, summed over trials from their MLflow
+    records) and harness overhead (Ray and Tune start-up, Train worker groups, scheduling,
+    MLflow and Optuna bookkeeping). With ``slots`` trials running at once, the overhead fraction
+    is ``1 - in_trial / (wall * slots)``: the share of the trial slots' time not spent training.
+
+``python -m analysis.bench_studies search [--data SPEC]``
+    Runs ``studies/bench/proxy-grid.yaml`` (every point of a 3 x 3 grid, full epochs) and
+    ``studies/bench/proxy-tpe.yaml`` (TPE + ASHA over the same space, as many trials), then
+    reports how many training epochs TPE + ASHA had spent, over all its trials, when it first
+    finished a trial whose ranking metric was within 1 point of the grid's best, as a fraction of
+    the grid's epoch budget. One seed each: the proxy's noise is part of the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _runs(args) -> Path:
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="amdim-bench-")) / "runs"
+    os.environ["AMDIM_RUNS_DIR"] = str(runs)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return runs
+
+
+def _children(name: str):
+    import mlflow
+
+    from amdim import study, tracking
+
+    state = json.loads((study.study_dir(name) / "state.json").read_text())
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+    )
+    return client, runs
+
+
+def _sum_metric(client, run_id: str, key: str) -> float:
+    by_step = {
+        m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    }
+    return float(sum(by_step.values()))
+
+
+def smoke(args) -> dict:
+    from amdim import study
+    from amdim.study_spec import load_spec
+
+    runs = _runs(args)
+    spec = load_spec(ROOT / "studies" / "smoke.yaml")
+    t0 = time.perf_counter()
+    summary = study.run_study(spec, log=lambda s: print(s, file=sys.stderr))
+    wall = time.perf_counter() - t0
+    client, children = _children(spec.name)
+    train = sum(_sum_metric(client, r.info.run_id, "epoch_time_s") for r in children)
+    probe = sum(_sum_metric(client, r.info.run_id, "probe_time_s") for r in children)
+    epochs = sum(len({m.step for m in client.get_metric_history(r.info.run_id, "epoch")}) for r in children)
+    slots = study.concurrency(spec, *study.local_resources())
+    in_trial = train + probe
+    return {
+        "study": spec.name,
+        "runs": str(runs),
+        "trials": len(children),
+        "states": summary["stages"].get("search", {}),
+        "epochs_trained": epochs,
+        "wall_s": round(wall, 1),
+        "train_s": round(train, 1),
+        "probe_s": round(probe, 1),
+        "in_trial_s": round(in_trial, 1),
+        "slots": slots,
+        "overhead_fraction": round(1 - in_trial / (wall * slots), 3),
+    }
+
+
+def search(args) -> dict:
+    import optuna
+
+    from amdim import study
+    from amdim.study_spec import load_spec
+
+    _runs(args)
+    over = {"data.spec": args.data} if args.data else {}
+    results = {}
+    for name in ("proxy-grid", "proxy-tpe"):
+        spec = load_spec(ROOT / "studies" / "bench" / f"{name}.yaml", over)
+        t0 = time.perf_counter()
+        study.run_study(spec, log=lambda s: print(s, file=sys.stderr))
+        results[name] = {"wall_s": round(time.perf_counter() - t0, 1), "spec": spec}
+    grid_spec = results["proxy-grid"]["spec"]
+    metric = grid_spec.rank_metric
+    grid = optuna.load_study(study_name="proxy-grid", storage=study.optuna_url("proxy-grid"))
+    grid_done = [t for t in grid.trials if t.value is not None]
+    best = max(t.value for t in grid_done)
+    grid_epochs = len(grid.trials) * grid_spec.budget.epochs
+
+    # Replay the TPE + ASHA study in time order: every logged epoch and every finished trial.
+    client, children = _children("proxy-tpe")
+    events = []
+    for run in children:
+        for m in client.get_metric_history(run.info.run_id, "epoch"):
+            events.append((m.timestamp, "epoch", run.info.run_id, None))
+        for m in client.get_metric_history(run.info.run_id, metric):
+            events.append((m.timestamp, "final", run.info.run_id, m.value))
+    events.sort(key=lambda e: (e[0], e[1] == "final"))
+    seen, spent, hit = set(), 0, None
+    for ts, kind, run_id, value in events:
+        if kind == "epoch" and (run_id, ts) not in seen:
+            seen.add((run_id, ts))
+            spent += 1
+        elif kind == "final" and value >= best - 0.01 and hit is None:
+            hit = {"epochs_spent": spent, "value": value, "run_id": run_id}
+    tpe = optuna.load_study(study_name="proxy-tpe", storage=study.optuna_url("proxy-tpe"))
+    tpe_total = sum(
+        len({m.step for m in client.get_metric_history(r.info.run_id, "epoch")}) for r in children
+    )
+    return {
+        "data": grid_spec.base.data.spec,
+        "metric": metric,
+        "grid_best": round(best, 4),
+        "grid_values": sorted(round(t.value, 4) for t in grid_done),
+        "grid_epochs": grid_epochs,
+        "grid_wall_s": results["proxy-grid"]["wall_s"],
+        "tpe_trials": len(tpe.trials),
+        "tpe_states": {
+            s.name: sum(t.state == s for t in tpe.trials)
+            for s in optuna.trial.TrialState
+            if any(t.state == s for t in tpe.trials)
+        },
+        "tpe_epochs_total": tpe_total,
+        "tpe_best": round(max((t.value for t in tpe.trials if t.value is not None), default=float("nan")), 4),
+        "tpe_wall_s": results["proxy-tpe"]["wall_s"],
+        "within_1_point": hit,
+        "budget_fraction_to_within_1_point": round(hit["epochs_spent"] / grid_epochs, 3) if hit else None,
+        "budget_fraction_total": round(tpe_total / grid_epochs, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.bench_studies", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("which", choices=["smoke", "search"])
+    parser.add_argument("--runs", help="folder for the runs (default: a fresh temporary folder)")
+    parser.add_argument("--data", help="data spec for the search benchmark's proxy task")
+    args = parser.parse_args()
+    out = smoke(args) if args.which == "smoke" else search(args)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

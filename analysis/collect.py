@@ -1,0 +1,157 @@
+"""Read a study back from MLflow (and its Optuna database) into tidy pandas DataFrames.
+
+``collect(name)`` returns ``(trials, curves)``:
+
+* ``trials``: one row per trial and seed (search and confirm stages): study, stage, trial (Optuna
+  number for the search, position for the confirm stage), run_id, state, seed, setting, dataset,
+  config_id, epochs, wall_s, best/final online linear-probe accuracy, best online MLP accuracy, the
+  final offline probe accuracies (NaN when the trial did not finish), and ``param.<key>`` for
+  every searched key, typed as the config types it (``None`` is "off").
+* ``curves``: the online linear probe per epoch for every trial (early-stopped ones included).
+
+Only MLflow's records are read, so a study collected on a laptop from a cluster's tracking server
+needs nothing else; the Optuna database adds the trial numbers and the parameter importances.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from amdim import tracking
+from amdim.errors import UserError
+
+CURVE_METRIC = "test_acc_lin"
+
+
+def _typed(key: str, text: str | None) -> Any:
+    from amdim.study_spec import canonical
+
+    if text is None:
+        return None
+    try:
+        return canonical(key, text)
+    except Exception:
+        return text
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    """``{epoch: value}``; a resumed trial may have logged an epoch twice: the last value wins."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {int(m.step): float(m.value) for m in points}
+
+
+def _optuna_numbers(name: str) -> dict[str, int]:
+    import optuna
+
+    from amdim.study import optuna_url, study_dir
+
+    if not (study_dir(name) / "optuna.db").is_file():
+        return {}
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_url(name))
+    except KeyError:
+        return {}
+    return {t.user_attrs["tune_trial_id"]: t.number for t in study.trials if "tune_trial_id" in t.user_attrs}
+
+
+def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's trials and learning curves (see the module docstring)."""
+    import mlflow
+
+    from amdim.study import load_study_spec
+
+    spec = load_study_spec(name)
+    uri = uri or tracking.tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise UserError(f"study '{name}': no MLflow experiment of that name in {uri}")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'study'")
+    if not parents:
+        raise UserError(f"study '{name}': no study run in MLflow experiment '{name}'")
+    parent = parents[0].info.run_id
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000
+    )
+    numbers = _optuna_numbers(name)
+    rows, curves = [], []
+    confirm_index = 0
+    for run in sorted(runs, key=lambda r: (r.data.tags.get("stage") != "search", r.info.start_time)):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        stage = tags.get("stage", "search")
+        if stage == "search":
+            trial = numbers.get(tags.get("tune_trial_id", ""), -1)
+        else:
+            trial, confirm_index = confirm_index, confirm_index + 1
+        lin = _history(client, run.info.run_id, CURVE_METRIC)
+        mlp = _history(client, run.info.run_id, "test_acc_mlp")
+        keys = [k for k in tags.get("sampled_keys", ",".join(spec.keys)).split(",") if k]
+        wall = metrics.get("trial_wall_s")
+        if wall is None and run.info.end_time and run.info.start_time:
+            wall = (run.info.end_time - run.info.start_time) / 1000
+        row = {
+            "study": name,
+            "stage": stage,
+            "trial": trial,
+            "run_id": run.info.run_id,
+            "state": tags.get("state", "running"),
+            "seed": int(params.get("train.seed", 0)),
+            "setting": tags.get("setting", ""),
+            "dataset": params.get("data.spec", "").split(":")[0],
+            "config_id": tags.get("config_id", ""),
+            "epochs": int(max(lin)) if lin else 0,
+            "wall_s": float(wall) if wall is not None else math.nan,
+            "best_online_acc": max(lin.values()) if lin else math.nan,
+            "final_online_acc": lin[max(lin)] if lin else math.nan,
+            "best_online_mlp_acc": max(mlp.values()) if mlp else math.nan,
+            "probe_test_accuracy": metrics.get("probe_test_accuracy", math.nan),
+            "probe_val_accuracy": metrics.get("probe_val_accuracy", math.nan),
+            "images_per_s": metrics.get("images_per_s", math.nan),
+            "epoch_time_s": _sum_history(client, run.info.run_id, "epoch_time_s"),
+        }
+        for key in keys:
+            row[f"param.{key}"] = _typed(key, params.get(key))
+        rows.append(row)
+        for epoch, value in sorted(lin.items()):
+            curves.append(
+                {"study": name, "stage": stage, "trial": trial, "run_id": run.info.run_id,
+                 "state": row["state"], "epoch": epoch, CURVE_METRIC: value}
+            )  # fmt: skip
+    trials = pd.DataFrame(rows)
+    if len(trials):
+        trials = trials.sort_values(["stage", "trial"], key=_stage_key, kind="stable").reset_index(drop=True)
+    curve_cols = ["study", "stage", "trial", "run_id", "state", "epoch", CURVE_METRIC]
+    return trials, pd.DataFrame(curves, columns=curve_cols)
+
+
+def _sum_history(client, run_id: str, key: str) -> float:
+    values = _history(client, run_id, key)
+    return float(sum(values.values())) if values else math.nan
+
+
+def _stage_key(col: pd.Series) -> pd.Series:
+    if col.name == "stage":
+        return col.map({"search": 0, "confirm": 1}).fillna(2)
+    return col
+
+
+def importances(name: str, trials: pd.DataFrame, metric: str) -> tuple[dict[str, float], str]:
+    """fANOVA importances from the Optuna study when it has enough complete trials, else the
+    variance-share fallback of :func:`analysis.plots.importance_from_trials`."""
+    import optuna
+
+    from amdim.study import optuna_url, study_dir
+    from analysis.plots import importance_from_trials
+
+    if (study_dir(name) / "optuna.db").is_file():
+        try:
+            study = optuna.load_study(study_name=name, storage=optuna_url(name))
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(done) >= 3 and len(study.best_trial.params) >= 1:
+                return dict(optuna.importance.get_param_importances(study)), "optuna fANOVA"
+        except Exception:  # too few distinct values, a single parameter value, ...
+            pass
+    return importance_from_trials(trials[trials["stage"] == "search"], metric), "variance share (fallback)"

@@ -1,0 +1,185 @@
+"""A real two-node Ray cluster on one machine: `ray start --head` plus `ray start --address` on
+loopback, the second node carrying a custom resource that stands in for a GPU node. The smoke study
+runs against it with its trial drivers pinned to the head and its Train workers to the "GPU" node,
+so every trial spans both nodes; all results and MLflow runs must arrive. Both nodes are stopped
+afterwards (their process groups are killed; `ray stop` would also kill unrelated Ray instances).
+
+Slow (about 3 minutes on 2 cores): `./dev test -m slow tests/test_two_node.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AMDIM_STORAGE")
+    }
+    env.update(
+        {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "AMDIM_RUNS_DIR": str(tmp / "runs")}
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two-node")
+    # Ray's session sockets must fit AF_UNIX's 107-byte path limit: keep its temp dir short.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r2n-", dir="/tmp"))
+    port, dash = _free_port(), _free_port()
+    env = _env(tmp)
+    procs = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [str(RAY), "start", "--block", *args],
+            env=env,
+            stdout=open(tmp / f"node{len(procs)}.log", "w"),  # noqa: SIM115 (open for the node's life)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so that teardown kills exactly this node
+        )
+        procs.append(proc)
+        return proc
+
+    t0 = time.perf_counter()
+    start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+          '--resources={"head": 1}', "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+          "--include-dashboard=true", f"--temp-dir={ray_tmp}")  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    _wait_nodes(address, env, 1)
+    start(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+          '--resources={"gpu_node": 2}')  # fmt: skip
+    _wait_nodes(address, env, 2)
+    started = time.perf_counter() - t0
+    try:
+        yield tmp, address, env, started
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(2)
+        left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _wait_nodes(address: str, env: dict[str, str], n: int, timeout: float = 90) -> None:
+    code = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            continue
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster at {address} did not reach {n} nodes")
+
+
+def _spec(tmp: Path) -> Path:
+    spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    spec["name"] = "smoke-two-node"
+    spec["budget"].update(
+        {"max_concurrent": 2, "worker_resources": {"gpu_node": 1}, "driver_resources": {"head": 0.01}}
+    )
+    path = tmp / "two-node.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    return path
+
+
+def test_study_refuses_a_multi_node_cluster_without_shared_storage(cluster):
+    tmp, address, env, _ = cluster
+    proc = subprocess.run(
+        [sys.executable, "-m", "amdim.cli", "study", "run", str(_spec(tmp))],
+        cwd=ROOT, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and "AMDIM_STORAGE is not set" in err, err
+    assert not (tmp / "runs" / "mlflow.db").exists()
+
+
+def test_smoke_study_spans_both_nodes(cluster):
+    tmp, address, env, started = cluster
+    storage = tmp / "shared"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "amdim.cli", "study", "run", str(_spec(tmp))],
+        cwd=ROOT, env={**env, "RAY_ADDRESS": address, "AMDIM_STORAGE": str(storage)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 node(s)" in proc.stdout
+    print(f"\ntwo-node cluster start {started:.1f} s; smoke study {wall:.1f} s")
+
+    sdir = storage / "smoke-two-node"
+    study = optuna.load_study(study_name="smoke-two-node", storage=f"sqlite:///{sdir / 'optuna.db'}")
+    n = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())["budget"]["trials"]
+    assert len(study.trials) == n
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+    code = f"import ray, json; ray.init(address={address!r}, logging_level='ERROR'); print(json.dumps([[x['NodeID'], x['Resources']] for x in ray.nodes() if x['Alive']]))"
+    nodes = json.loads(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    head = next(nid for nid, res in nodes if "head" in res)
+    gpu = next(nid for nid, res in nodes if "gpu_node" in res)
+
+    state = json.loads((sdir / "state.json").read_text())
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    exp = client.get_experiment_by_name("smoke-two-node")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+    )
+    assert len(children) == n
+    for run in children:
+        assert run.data.tags["driver_node"] == head  # the trial's Tune driver ran on the head ...
+        assert run.data.tags["worker_node"] == gpu  # ... and its Train worker on the "GPU" node
+        assert run.data.tags["state"] in ("complete", "early_stopped")
+        assert (
+            sdir / "train" / f"search-{run.data.tags['tune_trial_id']}"
+        ).is_dir()  # results on shared storage
+        if run.data.tags["state"] == "complete":
+            assert "probe_test_accuracy" in run.data.metrics
