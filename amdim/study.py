@@ -436,9 +436,9 @@ def _fail_orphans(spec: StudySpec) -> int:
 
 def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Path, log):
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
-    from amdim.study_search import StudyProgress
+    from amdim.study_search import EpochASHA, StudyProgress
 
     driver = {"CPU": DRIVER_CPU, **dict(spec.budget.driver_resources)}
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), driver)
@@ -469,11 +469,10 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
     if orphans:
         log(f"marked {orphans} Optuna trial(s) left running by an earlier driver as failed")
     scheduler = (
-        ASHAScheduler(
-            time_attr="epoch",
+        EpochASHA(
+            last_epoch=spec.budget.epochs,
             metric=spec.online_metric,
             mode=spec.online_mode,
-            max_t=spec.budget.epochs + 1,  # > the last epoch, or ASHA stops every trial before its probe
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -66,6 +67,25 @@ class AmdimOptunaSearch(OptunaSearch):
             except Exception:  # already finished in the database (told before a driver crash)
                 pass
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class EpochASHA(ASHAScheduler):
+    """ASHA on ``epoch`` whose rungs all lie before the last epoch.
+
+    ASHA places rungs at ``grace * rf**k`` below ``max_t``. When the trial length is such a value
+    (4 epochs with grace 1 and rf 2), the top rung sits on the last epoch and ASHA cuts trials
+    that have finished training, before their offline probe: wasted work that Optuna would record
+    as pruned. Rungs at or after ``last_epoch`` are dropped; ``max_t`` stays above it so that ASHA
+    never stops a trial merely for reaching the end.
+    """
+
+    def __init__(self, *, last_epoch: int, **kwargs: Any):
+        super().__init__(time_attr="epoch", max_t=last_epoch + 1, **kwargs)
+        for bracket in self._brackets:
+            bracket._rungs = [(milestone, rec) for milestone, rec in bracket._rungs if milestone < last_epoch]
+
+    def rungs(self) -> list[list[float]]:
+        return [[m for m, _ in b._rungs] for b in self._brackets]
 
 
 class StudyProgress(Callback):

@@ -192,7 +192,9 @@ def test_confirm_stage_and_rerun(smoke):
 def test_rerun_unknown_run_is_one_line(tmp_path):
     proc = _amdim(tmp_path / "runs", "rerun", "0123456789abcdef0123456789abcdef", "--local")
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and ("not found" in proc.stderr or "no MLflow store" in proc.stderr)
+    assert proc.stderr.strip().count("\n") == 0 and (
+        "not found" in proc.stderr or "no MLflow store" in proc.stderr
+    )
 
 
 RESUME_SPEC = {
@@ -308,3 +310,27 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
         resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")]
         assert max(resumed) >= 1, resumed
         assert run.data.tags["state"] == "complete"
+
+
+def test_report_from_the_recorded_study(smoke, tmp_path):
+    runs, _, _ = smoke
+    out = tmp_path / "report"
+    proc = _amdim(runs, "report", "smoke", "--format", "csv,md,tex", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("results", "states", "ablation"):
+        for ext in ("csv", "md", "tex"):
+            assert (out / f"{name}.{ext}").stat().st_size > 0
+    for png in ("importance", "parallel", "curves", "online_vs_offline"):
+        assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pandas as pd
+
+    trials = pd.read_csv(out / "trials.csv")
+    _, _, children = _children(runs, "smoke")
+    assert len(trials) == len(children)
+    assert set(trials["state"]) <= {"complete", "early_stopped"}
+    assert "paper default" in (out / "ablation.md").read_text()
+    bad = _amdim(runs, "report", "smoke", "--format", "xlsx", "--out", str(out))
+    assert bad.returncode == 2 and "unknown format 'xlsx'" in bad.stderr
+    compare = _amdim(runs, "report", "--compare", "smoke", "--format", "md", "--out", str(tmp_path / "cmp"))
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -205,3 +205,16 @@ def test_unknown_study_name_for_status_resume_confirm(isolated, capsys):
         assert cli.main(["study", *cmd]) == 2
         assert "no study named 'nope'" in capsys.readouterr().err
     assert not os.path.exists(isolated / "runs" / "mlflow.db")
+
+
+@pytest.mark.parametrize(("epochs", "grace", "rf"), [(4, 1, 2), (3, 1, 2), (100, 10, 3), (9, 1, 3)])
+def test_asha_never_cuts_a_trial_at_its_last_epoch(epochs, grace, rf):
+    """Stock ASHA puts a rung on the last epoch when it is grace * rf**k (4 = 1 * 2**2), stopping
+    trials after training but before their offline probe; the study's ASHA drops such rungs."""
+    from amdim.study_search import EpochASHA
+
+    sched = EpochASHA(
+        last_epoch=epochs, grace_period=grace, reduction_factor=rf, metric="test_acc_lin", mode="max"
+    )
+    rungs = [m for bracket in sched.rungs() for m in bracket]
+    assert rungs and max(rungs) < epochs and min(rungs) == grace
