@@ -134,6 +134,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         import ray
 
         record.set_tags({"worker_node": ray.get_runtime_context().get_node_id()})
+        if payload is not None:  # a restarted worker group: say where it picked up, even if no epoch is left
+            record.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         ids = [device.index] if device.type == "cuda" else None

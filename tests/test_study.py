@@ -221,6 +221,16 @@ RESUME_SPEC = {
 }
 
 
+def _registered_checkpoints(sdir: Path, trial_id: str) -> int:
+    """Checkpoints Ray Train has committed for a trial's run (a checkpoint folder can exist before
+    it is registered; a driver killed in between resumes from the previous one, by Ray's design)."""
+    snapshot = sdir / "train" / f"search-{trial_id}" / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0
+
+
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -262,16 +272,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
                 if t.state == optuna.trial.TrialState.RUNNING and "tune_trial_id" in t.user_attrs
             ]
             return bool(done) and any(
-                glob.glob(
-                    str(
-                        sdir
-                        / "train"
-                        / f"search-{t.user_attrs['tune_trial_id']}"
-                        / "checkpoint_*"
-                        / "checkpoint.pt"
-                    )
-                )
-                for t in running
+                _registered_checkpoints(sdir, t.user_attrs["tune_trial_id"]) for t in running
             )
 
         _wait_for(one_done_and_second_checkpointed, 300, proc)
