@@ -135,7 +135,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
         record.set_tags({"worker_node": ray.get_runtime_context().get_node_id()})
         if payload is not None:  # a restarted worker group: say where it picked up, even if no epoch is left
-            record.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
+            record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         ids = [device.index] if device.type == "cuda" else None
