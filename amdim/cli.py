@@ -315,7 +315,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             overrides["data.spec"] = "synthetic"  # the smoke variant trains on generated data anyway
         spec = load_spec(args.spec, overrides)
         if args.smoke_test:
-            spec = smoke_variant(spec)
+            spec = smoke_variant(spec, keep_data=bool(args.data))
         summary = study.run_study(spec)
     elif args.study_command == "resume":
         summary = study.run_study(study.load_study_spec(args.name))

@@ -524,8 +524,11 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
     ]
 
 
-def smoke_variant(spec: StudySpec) -> StudySpec:
-    """``--smoke-test``: the same search space on a tiny model, tiny data and a tiny budget."""
+def smoke_variant(spec: StudySpec, *, keep_data: bool = False) -> StudySpec:
+    """``--smoke-test``: the same search space on a tiny model, tiny data and a tiny budget.
+
+    ``keep_data`` keeps the spec's dataset (``--data`` given) instead of the generated one.
+    """
     small = {
         "model.ndf": 16,
         "model.n_rkhs": 128,
@@ -540,6 +543,8 @@ def smoke_variant(spec: StudySpec) -> StudySpec:
         "probe.weight_decays": "0",
         "train.log_every": 1000,
     }
+    if keep_data:
+        small.pop("data.spec")
     if spec.base.model.image_size != 32:
         small["model.image_size"] = 32
         small["aug.test_resize"] = 0

@@ -30,6 +30,12 @@ def test_shipped_specs_parse_and_shrink(name):
         spec.trial_config(point)
 
 
+def test_smoke_variant_keeps_a_given_dataset(tmp_path):
+    spec = load_spec(STUDIES / "nce.yaml", {"data.spec": f"npz:{tmp_path}"})
+    assert smoke_variant(spec, keep_data=True).base.data.spec == f"npz:{tmp_path}"
+    assert smoke_variant(spec).base.data.spec.startswith("synthetic")
+
+
 def test_paper_ablation_settings_are_points():
     nce = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
     labelled = dict(zip(nce.point_labels, nce.points, strict=True))
