@@ -101,11 +101,12 @@ def _maybe_inject_fault(completed_epochs: int, step_in_epoch: int, rank: int) ->
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _root_cause(exc: BaseException) -> str:
+def last_error_line(text: str) -> str | None:
     """The last 'SomeError: message' line of a Ray error's text (its own first line is generic)."""
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b:?", ln)]
-    return (causes[-1] if causes else lines[0] if lines else type(exc).__name__)[:200]
+    causes = [
+        ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Interrupt)\b:?", ln)
+    ]
+    return causes[-1][:200] if causes else None
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:

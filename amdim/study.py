@@ -527,19 +527,16 @@ def _searcher(spec: StudySpec):
 
 def run_study(spec: StudySpec, *, log=print) -> dict[str, Any]:
     """Run (or continue) the search stage of ``spec``; returns the status summary."""
-    resuming = _check_existing(spec)
+    return _run_stage(spec, "search", _check_existing(spec), log)
+
+
+def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=None) -> dict[str, Any]:
+    import mlflow
+
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     if not os.environ.get("RAY_ADDRESS"):
         concurrency(spec, *local_resources())  # fail before Ray starts
-    return _run_stage(spec, "search", uri, resuming, log)
-
-
-def _run_stage(
-    spec: StudySpec, stage: str, uri: str, resuming: bool, log, confirm_points=None
-) -> dict[str, Any]:
-    import mlflow
-
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
     with _RayScope() as ray:
@@ -601,10 +598,7 @@ def run_confirm(name: str, top: int | None, seeds: int | None, *, log=print) -> 
     seeds = seeds or spec.confirm.seeds
     if top < 1 or seeds < 1:
         raise UserError(f"--top and --seeds must be >= 1, got {top} and {seeds}")
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
     path = study_dir(name) / "confirm.json"
-    points = confirm_points(spec, top, seeds)
     if path.is_file():
         stored = _read_json(path)
         if (stored["top"], stored["seeds"]) != (top, seeds):
@@ -613,32 +607,34 @@ def run_confirm(name: str, top: int | None, seeds: int | None, *, log=print) -> 
             )
         points = stored["points"]  # the same trials, even if the search changed its ranking since
     else:
+        points = confirm_points(spec, top, seeds)
         study_dir(name).mkdir(parents=True, exist_ok=True)
         _write_json(path, {"top": top, "seeds": seeds, "points": points})
-    if not os.environ.get("RAY_ADDRESS"):
-        concurrency(spec, *local_resources())
-    return _run_stage(spec, "confirm", uri, True, log, confirm_points=points)
+    return _run_stage(spec, "confirm", True, log, confirm_points=points)
 
 
 # --- reading a study back -----------------------------------------------------------------------
 
 
-def child_runs(name: str, uri: str | None = None):
-    """The study's child runs as an MLflow DataFrame (empty when none)."""
+def study_runs(name: str, uri: str | None = None) -> tuple[Any, str | None, list[Any]]:
+    """``(client, parent run id, child runs)`` of a study, found through its ``state.json``;
+    ``(client, None, [])`` before its parent run exists or when the store does not hold it."""
     import mlflow
 
-    uri = uri or tracking.tracking_uri()
-    state = _read_json(study_dir(name) / "state.json") if (study_dir(name) / "state.json").is_file() else None
-    if state is None:
-        return None
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+    path = study_dir(name) / "state.json"
+    if not path.is_file():
+        return client, None, []
+    state = _read_json(path)
     exp = client.get_experiment_by_name(state["experiment"])
     if exp is None:
-        return None
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+        return client, None, []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+        max_results=50000,
     )
+    return client, state["parent_run_id"], list(runs)
 
 
 def study_status(name: str) -> dict[str, Any]:
@@ -647,10 +643,13 @@ def study_status(name: str) -> dict[str, Any]:
 
     spec = load_study_spec(name)
     out: dict[str, Any] = {"study": name, "folder": str(study_dir(name)), "stages": {}}
-    runs = child_runs(name)
-    if runs is not None and len(runs):
-        for stage, group in runs.groupby("tags.stage"):
-            out["stages"][stage] = {str(k): int(v) for k, v in group["tags.state"].value_counts().items()}
+    from collections import Counter
+
+    _, _, runs = study_runs(name)
+    counts = Counter((r.data.tags.get("stage"), r.data.tags.get("state")) for r in runs)
+    for (stage, state), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), -kv[1])):
+        if stage is not None and state is not None:
+            out["stages"].setdefault(stage, {})[state] = n
     try:
         study = optuna.load_study(study_name=name, storage=optuna_url(name))
     except KeyError:

@@ -162,13 +162,13 @@ class StudyProgress(Callback):
 
 
 def _error_line(trial) -> str:
-    import re
+    from amdim.ray_train import last_error_line
 
     path = getattr(trial, "error_file", None) or ""
     try:
         with open(path) as fh:
-            lines = [ln.strip() for ln in fh.read().splitlines() if ln.strip()]
+            text = fh.read()
     except OSError:
         return "see the trial's error file"
-    causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b:?", ln)]
-    return (causes[-1] if causes else lines[-1] if lines else "unknown error")[:200]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return last_error_line(text) or (lines[-1][:200] if lines else "unknown error")

@@ -24,7 +24,6 @@ or MLflow.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -513,15 +512,6 @@ def _check_data(spec: str) -> None:
         _fail("base.data", f"{kind} needs a path, e.g. {kind}:/data/{kind}")
     if not Path(path).expanduser().exists():
         _fail("base.data", f"dataset path {path} does not exist (data spec {spec!r})")
-
-
-def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
-    """Every assignment of the grid, in a fixed order."""
-    keys = spec.keys
-    return [
-        dict(zip(keys, combo, strict=True))
-        for combo in itertools.product(*(p.grid_values() for p in spec.search))
-    ]
 
 
 def smoke_variant(spec: StudySpec, *, keep_data: bool = False) -> StudySpec:

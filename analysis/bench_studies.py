@@ -36,24 +36,17 @@ def _runs(args) -> Path:
 
 
 def _children(name: str):
-    import mlflow
+    from amdim.study import study_runs
 
-    from amdim import study, tracking
-
-    state = json.loads((study.study_dir(name) / "state.json").read_text())
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
-    )
+    client, _, runs = study_runs(name)
     return client, runs
 
 
 def _sum_metric(client, run_id: str, key: str) -> float:
-    by_step = {
-        m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
-    }
-    return float(sum(by_step.values()))
+    """Sum over epochs (0 when the run never logged ``key``, e.g. no probe after an early stop)."""
+    from analysis.collect import metric_by_epoch
+
+    return float(sum(metric_by_epoch(client, run_id, key).values()))
 
 
 def smoke(args) -> dict:

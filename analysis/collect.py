@@ -37,7 +37,7 @@ def _typed(key: str, text: str | None) -> Any:
         return text
 
 
-def _history(client, run_id: str, key: str) -> dict[int, float]:
+def metric_by_epoch(client, run_id: str, key: str) -> dict[int, float]:
     """``{epoch: value}``; a resumed trial may have logged an epoch twice: the last value wins."""
     points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return {int(m.step): float(m.value) for m in points}
@@ -59,23 +59,13 @@ def _optuna_numbers(name: str) -> dict[str, int]:
 
 def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's trials and learning curves (see the module docstring)."""
-    import mlflow
-
-    from amdim.study import load_study_spec
+    from amdim.study import load_study_spec, study_runs
 
     spec = load_study_spec(name)
     uri = uri or tracking.tracking_uri()
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        raise UserError(f"study '{name}': no MLflow experiment of that name in {uri}")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'study'")
-    if not parents:
-        raise UserError(f"study '{name}': no study run in MLflow experiment '{name}'")
-    parent = parents[0].info.run_id
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000
-    )
+    client, parent, runs = study_runs(name, uri)
+    if parent is None:
+        raise UserError(f"study '{name}': its MLflow parent run is not in {uri}")
     numbers = _optuna_numbers(name)
     rows, curves = [], []
     confirm_index = 0
@@ -86,8 +76,8 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             trial = numbers.get(tags.get("tune_trial_id", ""), -1)
         else:
             trial, confirm_index = confirm_index, confirm_index + 1
-        lin = _history(client, run.info.run_id, CURVE_METRIC)
-        mlp = _history(client, run.info.run_id, "test_acc_mlp")
+        lin = metric_by_epoch(client, run.info.run_id, CURVE_METRIC)
+        mlp = metric_by_epoch(client, run.info.run_id, "test_acc_mlp")
         keys = [k for k in tags.get("sampled_keys", ",".join(spec.keys)).split(",") if k]
         wall = metrics.get("trial_wall_s")
         if wall is None and run.info.end_time and run.info.start_time:
@@ -110,7 +100,7 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             "probe_test_accuracy": metrics.get("probe_test_accuracy", math.nan),
             "probe_val_accuracy": metrics.get("probe_val_accuracy", math.nan),
             "images_per_s": metrics.get("images_per_s", math.nan),
-            "epoch_time_s": _sum_history(client, run.info.run_id, "epoch_time_s"),
+            "epoch_time_s": sum_by_epoch(client, run.info.run_id, "epoch_time_s"),
         }
         for key in keys:
             row[f"param.{key}"] = _typed(key, params.get(key))
@@ -127,8 +117,9 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
     return trials, pd.DataFrame(curves, columns=curve_cols)
 
 
-def _sum_history(client, run_id: str, key: str) -> float:
-    values = _history(client, run_id, key)
+def sum_by_epoch(client, run_id: str, key: str) -> float:
+    """Sum over epochs of a per-epoch metric (NaN when never logged)."""
+    values = metric_by_epoch(client, run_id, key)
     return float(sum(values.values())) if values else math.nan
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from subprocess_env import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "studies" / "smoke.yaml"
@@ -33,16 +34,6 @@ pytestmark = [
         shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)"
     ),
 ]
-
-
-def _env(runs: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AMDIM_STORAGE")
-    }
-    env.update({"AMDIM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"})
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def study(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "amdim.cli", "study", "run", str(SMOKE)],
         cwd=ROOT,
-        env=_env(runs),
+        env=clean_env(runs),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -18,26 +18,17 @@ import optuna
 import pytest
 import torch
 import yaml
+from subprocess_env import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "studies" / "smoke.yaml"
-
-
-def _env(runs: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AMDIM_STORAGE")
-    }
-    env.update({"AMDIM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"})
-    return env
 
 
 def _amdim(runs: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "amdim.cli", *args],
         cwd=ROOT,
-        env=_env(runs),
+        env=clean_env(runs),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -250,7 +241,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "amdim.cli", "study", "run", str(spec_path)],
         cwd=ROOT,
-        env=_env(runs),
+        env=clean_env(runs),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

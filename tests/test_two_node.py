@@ -24,6 +24,7 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from subprocess_env import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -37,15 +38,7 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AMDIM_STORAGE")
-    }
-    env.update(
-        {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "AMDIM_RUNS_DIR": str(tmp / "runs")}
-    )
-    return env
+    return {**clean_env(tmp / "runs"), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
