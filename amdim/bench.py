@@ -27,7 +27,9 @@ tests/test_speed_options.py for the same-RNG check).
 FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` over one full
 eager fp32 training step (forward of both views with NCE and probes, then backward). It counts
 matmuls and convolutions only (elementwise ops and the Adam update are not counted), as is usual
-for MFU figures.
+for MFU figures. ``fraction_of_bf16_peak`` divides the achieved TFLOP/s by the GPU's datasheet
+dense bf16 peak (:data:`BF16_PEAK_TFLOPS`, or ``--peak-tflops``); ``data_to_step_ratio`` is the
+batched data path's rate over the optimised step's (the data pipeline keeps up when it is > 1).
 """
 
 from __future__ import annotations
@@ -156,6 +158,9 @@ def _data_batched(
     views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
     gen = data_mod.augment_generator(cfg.train.seed, 0, 0, device)
 
+    if device.type == "cuda":
+        images = images.pin_memory()  # as the trainer's loader delivers it on CUDA
+
     def one() -> None:
         views(images.to(device, non_blocking=True), generator=gen)
 
@@ -189,6 +194,25 @@ def _data_torchvision(
     for _ in range(warmup):
         one()
     return [_timed(one, device) for _ in range(steps)]
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against
+# torch.cuda.get_device_name in this order. Anything else: pass --peak-tflops.
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak for a GPU name, or None when it is not in the table."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
@@ -243,6 +267,7 @@ def run_bench(
     *,
     preset: str | None = None,
     data: bool = True,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark the training step (optimised and baseline) and the data pipeline.
 
@@ -255,6 +280,8 @@ def run_bench(
         warmup: untimed iterations before them (>= 1: the first step compiles and allocates).
         preset: the preset name, recorded in the output.
         data: also time the two augmentation paths.
+        peak_tflops: the device's dense bf16 peak for ``fraction_of_bf16_peak`` (default: looked
+            up by GPU name in :data:`BF16_PEAK_TFLOPS`; none on CPU).
 
     Returns:
         A JSON-ready dict; rates are images per second from the median iteration time.
@@ -268,6 +295,8 @@ def run_bench(
         raise UserError(f"--steps must be >= 1, got {steps}")
     if warmup < 1:
         raise UserError(f"--warmup must be >= 1 (the first step compiles and allocates), got {warmup}")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be > 0, got {peak_tflops}")
     cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
     bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
     images, labels = _take_batch(bundle, batch_size)
@@ -326,11 +355,19 @@ def run_bench(
         result["data_images_per_s"] = _median_rate(data_times, batch_size)
         result["data_torchvision_images_per_s"] = _median_rate(tv_times, batch_size)
         result["data_num_workers"] = cfg.data.num_workers
+        result["data_to_step_ratio"] = result["data_images_per_s"] / step_rate
+    name = _device_name(dev)
+    peak = peak_tflops or (bf16_peak_tflops(name) if dev.type == "cuda" else None)
+    result["peak_tflops_bf16"] = peak
+    result["peak_source"] = (
+        "--peak-tflops" if peak_tflops else "datasheet dense bf16 (amdim.bench.BF16_PEAK_TFLOPS)" if peak else None
+    )
+    result["fraction_of_bf16_peak"] = result["tflops"] / peak if peak else None
     m = cfg.model
     result.update(
         {
             "device": dev.type,
-            "device_name": _device_name(dev),
+            "device_name": name,
             "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
             "preset": preset,
@@ -353,4 +390,4 @@ def run_bench(
     return result
 
 
-__all__ = ["baseline_config", "bench_device", "count_flops", "run_bench"]
+__all__ = ["BF16_PEAK_TFLOPS", "baseline_config", "bench_device", "bf16_peak_tflops", "count_flops", "run_bench"]

@@ -297,6 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup,
         preset=args.preset,
         data=not args.no_data,
+        peak_tflops=args.peak_tflops,
     )
     print(json.dumps(result, indent=2, default=_json_default))
     return 0
@@ -472,6 +473,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (>= 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-data", action="store_true", help="skip the data-pipeline timings")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None,
+        help="the device's dense bf16 peak, TFLOP/s, for fraction_of_bf16_peak (default: by GPU name)",
+    )  # fmt: skip
     p.add_argument("--smoke-test", action="store_true", help="2 timed steps after 1 warm-up step")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -581,8 +581,8 @@ class TrainLoader:
         images, labels = self.items.images, self.items.labels
         if self.items.augment is None and isinstance(images, Tensor):
             for idx in self.batches:  # in memory: slicing beats a DataLoader
-                x = images[idx]
-                yield (x.pin_memory() if self.pin_memory else x), labels[idx]
+                x, y = images[idx], labels[idx]
+                yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
             return
         loader = DataLoader(
             self.items,
@@ -639,6 +639,44 @@ def train_loader(
         augment = TorchvisionTwoViews(aug_cfg, image_size, bundle.mean, bundle.std)
     items = _Items(bundle.train_images, bundle.train_labels, augment, seed, epoch)
     return TrainLoader(items, batches[start_step:], data_cfg.num_workers, pin_memory)
+
+
+class DevicePrefetcher:
+    """Iterates ``batches`` (tuples of CPU tensors) with each batch already on ``device``.
+
+    On CUDA, batch i+1 is copied host-to-device on a side stream (non-blocking, from pinned
+    memory when the loader pins it) while batch i is being trained on; the compute stream waits
+    for the copy before it uses the tensors, and ``record_stream`` keeps the caching allocator from
+    reusing their memory early. On any other device the batches pass through unchanged (the
+    trainer moves them; a CPU "copy" is free).
+    """
+
+    def __init__(self, batches: Iterator[tuple[Tensor, ...]] | Sequence[tuple[Tensor, ...]], device: torch.device):
+        self.batches, self.device = batches, torch.device(device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        if self.device.type != "cuda":
+            yield from self.batches
+            return
+        side = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+
+        def load(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            side.wait_stream(compute)  # the copy must not overtake work queued before it
+            with torch.cuda.stream(side):
+                return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+        it = iter(self.batches)
+        nxt = next(it, None)
+        ready = load(nxt) if nxt is not None else None
+        while ready is not None:
+            compute.wait_stream(side)
+            for t in ready:
+                t.record_stream(compute)
+            current = ready
+            nxt = next(it, None)
+            ready = load(nxt) if nxt is not None else None
+            yield current
 
 
 class EvalLoader:
@@ -713,6 +751,7 @@ def eval_loader(
 
 
 __all__ = [
+    "DevicePrefetcher",
     "FAMILY_AUG",
     "FAMILY_STATS",
     "KINDS",

@@ -109,6 +109,18 @@ def last_error_line(text: str) -> str | None:
     return causes[-1][:200] if causes else None
 
 
+def worker_threads(assigned_cpus: float | None) -> int:
+    """torch threads for a worker holding ``assigned_cpus`` CPUs.
+
+    Ray sets ``OMP_NUM_THREADS`` to the floor of a worker's CPUs, so a 1.75-CPU worker (next to
+    its trial's 0.25-CPU driver, which only waits) would run one thread on two cores. Round
+    instead: 1.75 -> 2, 0.75 -> 1, at least 1.
+    """
+    if not assigned_cpus:
+        return max(1, torch.get_num_threads())
+    return max(1, int(assigned_cpus + 0.5))
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the project's trainer as rank ``world_rank`` of the group."""
     import ray.train
@@ -124,6 +136,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.train.device != "cpu" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    import ray
+
+    threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    torch.set_num_threads(threads)
 
     payload = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -132,9 +148,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     start_epoch = int(payload["epoch"]) if payload else 0
     record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if record is not None:
-        import ray
-
-        record.set_tags({"worker_node": ray.get_runtime_context().get_node_id()})
+        record.set_tags({"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)})
         if payload is not None:  # a restarted worker group: say where it picked up, even if no epoch is left
             record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
 

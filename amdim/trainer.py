@@ -329,7 +329,9 @@ def fit(
         batches = data_mod.train_loader(
             bundle, cfg.data, cfg.aug, cfg.model.image_size,
             seed=cfg.train.seed, epoch=state.epoch, rank=dist.rank, world_size=dist.world_size,
+            pin_memory=device.type == "cuda",
         )  # fmt: skip
+        batches = data_mod.DevicePrefetcher(batches, device)  # CUDA: copies the next batch during this step
         metrics = train_one_epoch(state, iter(batches), two_views, cfg, device, dist, log, on_step)
         test_batches = data_mod.eval_loader(
             bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,

@@ -14,6 +14,7 @@ from PIL import Image
 from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, DataConfig
 from amdim.data import (
     FAMILY_AUG,
+    DevicePrefetcher,
     ImageFiles,
     eval_loader,
     load_data,
@@ -332,3 +333,33 @@ def test_eval_loader_shards_cover_the_test_set_once(small):
         )
         labels += [y for _, y in loader]
     assert sorted(torch.cat(labels).tolist()) == list(range(60))
+
+
+# --- moving batches to the device ---------------------------------------------------------------
+
+
+def test_prefetcher_passes_batches_through_off_cuda(small):
+    loader = train_loader(small, DataConfig(batch_size=32), AUG_CIFAR, 32, seed=1, epoch=0)
+    plain = list(loader)
+    fetched = list(DevicePrefetcher(loader, torch.device("cpu")))
+    assert len(fetched) == len(plain) == len(loader)
+    for (x, y), (px, py) in zip(fetched, plain):
+        assert torch.equal(x, px) and torch.equal(y, py)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetcher_delivers_pinned_batches_on_the_gpu_in_order(small):
+    cuda = torch.device("cuda")
+    for impl in (AUG_CIFAR, TV):
+        plain = list(train_loader(small, DataConfig(batch_size=32), impl, 32, seed=1, epoch=0))
+        pinned = train_loader(small, DataConfig(batch_size=32), impl, 32, seed=1, epoch=0, pin_memory=True)
+        assert all(t.is_pinned() for t in next(iter(pinned)))
+        fetched = []
+        for batch in DevicePrefetcher(pinned, cuda):
+            assert all(t.device.type == "cuda" for t in batch)
+            fetched.append(tuple(t * 1 for t in batch))  # compute on the batch, as the step would
+        torch.cuda.synchronize()
+        assert len(fetched) == len(plain)
+        for got, want in zip(fetched, plain):
+            for g, w in zip(got, want):
+                assert torch.equal(g.cpu(), w)

@@ -48,6 +48,13 @@ def _train(spec: str, out: Path, **extra):
     return cfg, train_ray(cfg, out, workers=2, cpus_per_worker=1, experiment="test-ray")
 
 
+@pytest.mark.parametrize("cpus, threads", [(None, None), (0.25, 1), (0.75, 1), (1, 1), (1.75, 2), (2, 2), (3.5, 4)])
+def test_worker_threads_round_the_cpu_reservation(cpus, threads):
+    from amdim.ray_train import worker_threads
+
+    assert worker_threads(cpus) == (threads or max(1, torch.get_num_threads()))
+
+
 @pytest.mark.parametrize("spec", ["synthetic", f"npz:{SUBSET}"], ids=["synthetic", "cifar10-subset"])
 def test_two_worker_run_is_fully_recorded(store, spec):
     if spec.startswith("npz") and not SUBSET.exists():
@@ -69,6 +76,7 @@ def test_two_worker_run_is_fully_recorded(store, spec):
     for tag in ("git_commit", "device", "dataset", "version.torch", "version.ray", "version.mlflow"):
         assert run.data.tags[tag], tag
     assert run.data.tags["device"].startswith("2x CPU")
+    assert run.data.tags["torch_threads"] == "1"  # each worker holds 1 CPU
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "probe.json"} <= artifacts
     # The same record through the public search API the analysis layer uses.

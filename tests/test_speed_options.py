@@ -21,7 +21,7 @@ import torch
 
 from amdim import cli
 from amdim.augment import BatchedTwoViews, TorchvisionTwoViews, stack_params
-from amdim.bench import _Stepper, baseline_config, count_flops
+from amdim.bench import _Stepper, baseline_config, bf16_peak_tflops, count_flops
 from amdim.config import preset, with_overrides
 from amdim.data import load_data, mix_seed
 from amdim.model import AMDIM
@@ -191,6 +191,34 @@ def test_bench_command_prints_the_required_json(capsys):
     assert result["tflops"] == pytest.approx(result["flops_per_image"] * result["step_images_per_s"] / 1e12)
     assert len(result["step_times_ms"]) == 2
     assert result["loss_first_step"] == pytest.approx(result["baseline_loss_first_step"], rel=1e-5)
+    assert result["data_to_step_ratio"] == pytest.approx(result["data_images_per_s"] / result["step_images_per_s"])
+    # No datasheet peak for a CPU: no invented fraction unless the user gives the peak.
+    assert result["peak_tflops_bf16"] is None and result["fraction_of_bf16_peak"] is None
+
+
+def test_bench_fraction_of_peak_uses_the_given_peak(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch-size", "8", "--smoke-test", "--no-data", "--device", "cpu"]
+    assert cli.main([*argv, "--peak-tflops", "0.5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["peak_tflops_bf16"] == 0.5 and result["peak_source"] == "--peak-tflops"
+    assert result["fraction_of_bf16_peak"] == pytest.approx(result["tflops"] / 0.5)
+    assert cli.main([*argv, "--peak-tflops", "0"]) == 2
+    assert "--peak-tflops" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_bf16_peak_is_looked_up_by_gpu_name(name, peak):
+    assert bf16_peak_tflops(name) == peak
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
