@@ -751,12 +751,12 @@ def eval_loader(
 
 
 __all__ = [
-    "DevicePrefetcher",
     "FAMILY_AUG",
     "FAMILY_STATS",
     "KINDS",
     "SHAPES",
     "DataBundle",
+    "DevicePrefetcher",
     "EvalLoader",
     "ImageFiles",
     "TrainLoader",
