@@ -360,7 +360,11 @@ def run_bench(
     peak = peak_tflops or (bf16_peak_tflops(name) if dev.type == "cuda" else None)
     result["peak_tflops_bf16"] = peak
     result["peak_source"] = (
-        "--peak-tflops" if peak_tflops else "datasheet dense bf16 (amdim.bench.BF16_PEAK_TFLOPS)" if peak else None
+        "--peak-tflops"
+        if peak_tflops
+        else "datasheet dense bf16 (amdim.bench.BF16_PEAK_TFLOPS)"
+        if peak
+        else None
     )
     result["fraction_of_bf16_peak"] = result["tflops"] / peak if peak else None
     m = cfg.model
@@ -390,4 +394,11 @@ def run_bench(
     return result
 
 
-__all__ = ["BF16_PEAK_TFLOPS", "baseline_config", "bench_device", "bf16_peak_tflops", "count_flops", "run_bench"]
+__all__ = [
+    "BF16_PEAK_TFLOPS",
+    "baseline_config",
+    "bench_device",
+    "bf16_peak_tflops",
+    "count_flops",
+    "run_bench",
+]

@@ -651,7 +651,9 @@ class DevicePrefetcher:
     trainer moves them; a CPU "copy" is free).
     """
 
-    def __init__(self, batches: Iterator[tuple[Tensor, ...]] | Sequence[tuple[Tensor, ...]], device: torch.device):
+    def __init__(
+        self, batches: Iterator[tuple[Tensor, ...]] | Sequence[tuple[Tensor, ...]], device: torch.device
+    ):
         self.batches, self.device = batches, torch.device(device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:

@@ -148,7 +148,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     start_epoch = int(payload["epoch"]) if payload else 0
     record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if record is not None:
-        record.set_tags({"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)})
+        record.set_tags(
+            {"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)}
+        )
         if payload is not None:  # a restarted worker group: say where it picked up, even if no epoch is left
             record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
 

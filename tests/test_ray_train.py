@@ -48,7 +48,9 @@ def _train(spec: str, out: Path, **extra):
     return cfg, train_ray(cfg, out, workers=2, cpus_per_worker=1, experiment="test-ray")
 
 
-@pytest.mark.parametrize("cpus, threads", [(None, None), (0.25, 1), (0.75, 1), (1, 1), (1.75, 2), (2, 2), (3.5, 4)])
+@pytest.mark.parametrize(
+    "cpus, threads", [(None, None), (0.25, 1), (0.75, 1), (1, 1), (1.75, 2), (2, 2), (3.5, 4)]
+)
 def test_worker_threads_round_the_cpu_reservation(cpus, threads):
     from amdim.ray_train import worker_threads
 

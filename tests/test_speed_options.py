@@ -191,7 +191,9 @@ def test_bench_command_prints_the_required_json(capsys):
     assert result["tflops"] == pytest.approx(result["flops_per_image"] * result["step_images_per_s"] / 1e12)
     assert len(result["step_times_ms"]) == 2
     assert result["loss_first_step"] == pytest.approx(result["baseline_loss_first_step"], rel=1e-5)
-    assert result["data_to_step_ratio"] == pytest.approx(result["data_images_per_s"] / result["step_images_per_s"])
+    assert result["data_to_step_ratio"] == pytest.approx(
+        result["data_images_per_s"] / result["step_images_per_s"]
+    )
     # No datasheet peak for a CPU: no invented fraction unless the user gives the peak.
     assert result["peak_tflops_bf16"] is None and result["fraction_of_bf16_peak"] is None
 
