@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from amdim import data as data_mod
 from amdim import trainer
 from amdim.augment import BatchedTwoViews
-from amdim.config import Config, to_flat, with_overrides
+from amdim.config import Config, from_flat, to_flat, with_overrides
 from amdim.errors import UserError
 from amdim.model import AMDIM
 
@@ -299,12 +299,10 @@ def run_bench(
         raise UserError(f"--peak-tflops must be > 0, got {peak_tflops}")
     cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
     bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-    images, labels = _take_batch(bundle, batch_size)
+    images, _ = _take_batch(bundle, batch_size)
 
     # One fixed batch of views, made on the device by the batched path, shared by both steps.
-    views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
-    x1, x2 = views(images.to(dev), generator=data_mod.augment_generator(cfg.train.seed, 0, 0, dev))
-    batch: Batch = (x1, x2, labels.to(dev))
+    batch = _fixed_views(cfg, bundle, batch_size, dev)
 
     step_flops, view_flops = count_flops(cfg, bundle.n_classes, batch)
 
@@ -392,6 +390,138 @@ def run_bench(
         }
     )
     return result
+
+
+# --- several training processes sharing one device (``amdim bench --concurrent 1,2,4``) ----------
+
+
+def _fixed_views(cfg: Config, bundle: data_mod.DataBundle, batch_size: int, dev: torch.device) -> Batch:
+    images, labels = _take_batch(bundle, batch_size)
+    views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
+    x1, x2 = views(images.to(dev), generator=data_mod.augment_generator(cfg.train.seed, 0, 0, dev))
+    return x1, x2, labels.to(dev)
+
+
+def _shared_worker(
+    flat: dict, batch_size: int, device: str, steps: int, warmup: int, threads: int, barrier, queue
+):
+    """One of N processes of :func:`run_shared_bench`: warm up alone, then time ``steps`` steps
+    together with the others (a barrier lines their timed windows up)."""
+    try:
+        torch.set_num_threads(threads)
+        cfg = from_flat(flat)
+        dev = bench_device(device)
+        bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+        stepper = _Stepper(
+            cfg, bundle.n_classes, dev, _fixed_views(cfg, bundle, batch_size, dev), warmup + steps
+        )
+        for _ in range(warmup):
+            stepper()
+        _sync(dev)
+        barrier.wait()
+        start = time.time()
+        times = [_timed(stepper, dev) for _ in range(steps)]
+        queue.put({"start": start, "end": time.time(), "times": times})
+    except BaseException as exc:  # reported to the parent as one line
+        barrier.abort()
+        queue.put({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+
+
+def _collect(procs, queue) -> list[dict[str, Any]]:
+    """One result per process; a process that died without one (killed, out of memory) is an error."""
+    import queue as queue_mod
+
+    results: list[dict[str, Any]] = []
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=2))
+        except queue_mod.Empty:
+            dead = [p for p in procs if not p.is_alive() and p.exitcode != 0]
+            if dead and queue.empty():
+                for p in procs:
+                    p.terminate()
+                results.append({"error": f"a process exited with code {dead[0].exitcode} without a result"})
+                break
+    for p in procs:
+        p.join()
+    return results
+
+
+def run_shared_bench(
+    cfg: Config,
+    batch_size: int,
+    device: str | torch.device,
+    counts: list[int],
+    steps: int = 10,
+    warmup: int = 3,
+    *,
+    threads: int | None = None,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """Study throughput on one device, without Ray: for each N in ``counts``, N processes each
+    train the configuration's optimised step on the same device at the same time, as N trials
+    with ``gpus_per_worker = 1/N`` would (Ray only sets ``CUDA_VISIBLE_DEVICES``; the trials
+    then share the GPU through CUDA's time-slicing, as here).
+
+    Per arrangement: each process's images/s (batch / its median step), their sum, and the
+    window rate: all images of the timed steps / (last process's end - first's start). CPU
+    processes get ``threads`` torch threads each (default: the cores divided by N, at least 1).
+    """
+    import multiprocessing as mp
+
+    dev = bench_device(str(device))
+    if not counts or any(n < 1 for n in counts):
+        raise UserError(f"--concurrent needs counts >= 1, got {counts}")
+    if steps < 1 or warmup < 1:
+        raise UserError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
+    cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
+    data_mod.load_data(cfg.data.spec, cfg.model.image_size)  # a bad dataset fails here, in one line
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    rows = []
+    for n in counts:
+        per = threads or max(1, (os.cpu_count() or 1) // n)
+        barrier, queue = ctx.Barrier(n, timeout=1800), ctx.Queue()
+        args = (to_flat(cfg), batch_size, dev.type, steps, warmup, per, barrier, queue)
+        procs = [ctx.Process(target=_shared_worker, args=args) for _ in range(n)]
+        for p in procs:
+            p.start()
+        results = _collect(procs, queue)
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise UserError(f"a benchmark process failed: {errors[0]}")
+        rates = sorted(_median_rate(r["times"], batch_size) for r in results)
+        window = max(r["end"] for r in results) - min(r["start"] for r in results)
+        rows.append(
+            {
+                "processes": n,
+                "threads_per_process": per if dev.type == "cpu" else None,
+                "per_process_images_per_s": rates,
+                "summed_images_per_s": sum(rates),
+                "window_images_per_s": n * steps * batch_size / window,
+            }
+        )
+    base = rows[0]["summed_images_per_s"]
+    for row in rows:
+        row["vs_first"] = row["summed_images_per_s"] / base
+    return {
+        "mode": "shared-device",
+        "device": dev.type,
+        "device_name": _device_name(dev),
+        "torch_version": torch.__version__,
+        "preset": preset,
+        "batch": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "options": {
+            "amp": cfg.train.amp,
+            "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile,
+            "fused": cfg.optim.fused,
+        },
+        "arrangements": rows,
+        "git_sha": _git_sha(),
+        "finished_at": _now(),
+    }
 
 
 __all__ = [

@@ -289,6 +289,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     steps, warmup = (2, 1) if args.smoke_test else (args.steps, args.warmup)
+    if args.concurrent:
+        from amdim.bench import run_shared_bench
+
+        try:
+            counts = [int(x) for x in args.concurrent.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--concurrent must be comma-separated process counts, got '{args.concurrent}'"
+            ) from None
+        result = run_shared_bench(
+            build_config(args), args.batch_size, args.device, counts, steps, warmup,
+            threads=args.threads, preset=args.preset,
+        )  # fmt: skip
+        print(json.dumps(result, indent=2, default=_json_default))
+        return 0
     result = run_bench(
         build_config(args),
         args.batch_size,
@@ -478,6 +493,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="the device's dense bf16 peak, TFLOP/s, for fraction_of_bf16_peak (default: by GPU name)",
     )  # fmt: skip
     p.add_argument("--smoke-test", action="store_true", help="2 timed steps after 1 warm-up step")
+    p.add_argument(
+        "--concurrent", default=None, metavar="N,N,...",
+        help="instead: N processes training at once on the one device, for each N (e.g. 1,2,4): "
+        "trials sharing a GPU, summed images/s",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -13,6 +13,14 @@
     reports how many training epochs TPE + ASHA had spent, over all its trials, when it first
     finished a trial whose ranking metric was within 1 point of the grid's best, as a fraction of
     the grid's epoch budget. One seed each: the proxy's noise is part of the answer.
+
+``python -m analysis.bench_studies packing [--resource cpu|gpu] [--shares 1.75,0.75]``
+    Study throughput: runs ``studies/bench/packing.yaml`` (4 single-worker trials, no early
+    stopping) once per per-trial share of the resource (``--resource gpu``: ``gpus_per_worker``,
+    e.g. ``1,0.5,0.25`` for one, two or four trials per GPU; ``cpu``: ``cpus_per_worker``). For
+    each arrangement it reports the trials at once, the images trained over the study, images/s
+    end to end (images / study wall-clock) and images/s summed over the trials while they train
+    (each trial's images / its own training time, mean over trials, times the trials at once).
 """
 
 from __future__ import annotations
@@ -142,15 +150,93 @@ def search(args) -> dict:
     }
 
 
+def _trial_images(client, run_id: str) -> tuple[float, float]:
+    """(images trained, seconds spent training them) by one trial, from its per-epoch metrics."""
+    from analysis.collect import metric_by_epoch
+
+    rate = metric_by_epoch(client, run_id, "images_per_s")
+    secs = metric_by_epoch(client, run_id, "epoch_time_s")
+    return sum(rate[e] * secs[e] for e in rate if e in secs), sum(secs.values())
+
+
+def _max_overlap(spans: list[tuple[int, int | None]]) -> int:
+    """The most intervals open at one time (MLflow start/end times of the trials' runs)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans if b is not None])
+    most = now = 0
+    for _, step in events:  # at equal times the end (-1) sorts first: touching runs do not overlap
+        now += step
+        most = max(most, now)
+    return most
+
+
+def packing(args) -> dict:
+    import yaml
+
+    from amdim import study
+    from amdim.study_spec import parse_spec
+
+    runs = _runs(args)
+    raw = yaml.safe_load((ROOT / "studies" / "bench" / "packing.yaml").read_text())
+    try:
+        shares = [float(x) for x in args.shares.split(",")]
+    except ValueError:
+        raise SystemExit(f"--shares must be comma-separated numbers, got {args.shares!r}") from None
+    field = "gpus_per_worker" if args.resource == "gpu" else "cpus_per_worker"
+    rows = []
+    for share in shares:
+        spec_raw = {
+            **raw,
+            "name": f"packing-{args.resource}-{share:g}",
+            "budget": {**raw["budget"], field: share},
+        }
+        if args.resource == "gpu":
+            spec_raw["base"] = {**raw["base"], "set": {**raw["base"]["set"], "train.device": "cuda"}}
+        if args.data:
+            spec_raw["base"] = {**spec_raw["base"], "data": args.data}
+        spec = parse_spec(spec_raw, origin="studies/bench/packing.yaml")
+        t0 = time.perf_counter()
+        study.run_study(spec, log=lambda s: print(s, file=sys.stderr))
+        wall = time.perf_counter() - t0
+        client, children = _children(spec.name)
+        per_trial = [_trial_images(client, r.info.run_id) for r in children]
+        images = sum(n for n, _ in per_trial)
+        trial_rates = [n / t for n, t in per_trial if t > 0]
+        slots = _max_overlap([(r.info.start_time, r.info.end_time) for r in children])
+        threads = sorted({r.data.tags.get("torch_threads", "?") for r in children})
+        mean_rate = sum(trial_rates) / len(trial_rates) if trial_rates else float("nan")
+        rows.append(
+            {
+                "study": spec.name,
+                field: share,
+                "trials": len(children),
+                "trials_at_once": slots,
+                "torch_threads_per_trial": threads,
+                "images_trained": round(images),
+                "wall_s": round(wall, 1),
+                "study_images_per_s": round(images / wall, 1),
+                "mean_trial_images_per_s": round(mean_rate, 1),
+                "summed_training_images_per_s": round(mean_rate * slots, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"runs": str(runs), "resource": args.resource, "arrangements": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.bench_studies", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("which", choices=["smoke", "search"])
+    parser.add_argument("which", choices=["smoke", "search", "packing"])
     parser.add_argument("--runs", help="folder for the runs (default: a fresh temporary folder)")
-    parser.add_argument("--data", help="data spec for the search benchmark's proxy task")
+    parser.add_argument("--data", help="data spec for the search and packing benchmarks")
+    parser.add_argument(
+        "--resource", choices=["cpu", "gpu"], default="cpu", help="packing: what trials share"
+    )
+    parser.add_argument(
+        "--shares", default="1.75,0.75", help="packing: per-trial shares of the resource, comma-separated"
+    )
     args = parser.parse_args()
-    out = smoke(args) if args.which == "smoke" else search(args)
+    out = {"smoke": smoke, "search": search, "packing": packing}[args.which](args)
     print(json.dumps(out, indent=2, default=str))
     return 0
 

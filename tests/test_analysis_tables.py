@@ -305,3 +305,19 @@ def test_write_report_tables(tmp_path):
     with pytest.raises(ValueError, match="unknown table format 'xlsx'"):
         write_report_tables(tables, ["md", "xlsx"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "spans, most",
+    [
+        ([], 0),
+        ([(0, 10)], 1),
+        ([(0, 10), (5, 15), (10, 20)], 2),  # the third starts as the first ends
+        ([(0, 1), (1, 2), (2, 3)], 1),
+        ([(0, 10), (1, 9), (2, 8), (3, None)], 4),  # a run still open counts
+    ],
+)
+def test_packing_benchmark_counts_trials_at_once(spans, most):
+    from analysis.bench_studies import _max_overlap
+
+    assert _max_overlap(spans) == most

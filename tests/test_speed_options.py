@@ -14,6 +14,7 @@ the first Adam update. Tolerances (relative, on the total loss):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -238,3 +239,41 @@ def test_bench_rejects_bad_counts_in_one_line(capsys, flag, value):
     rc = cli.main(["bench", "--preset", "tiny", "--batch-size", "8", "--device", "cpu", flag, value])
     assert rc == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bench_concurrent_trains_processes_side_by_side(capsys):
+    argv = ["bench", "--preset", "tiny", "--batch-size", "8", "--smoke-test", "--device", "cpu"]
+    assert cli.main([*argv, "--concurrent", "1,2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "shared-device" and result["device"] == "cpu"
+    one, two = result["arrangements"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert len(one["per_process_images_per_s"]) == 1 and len(two["per_process_images_per_s"]) == 2
+    assert two["summed_images_per_s"] == pytest.approx(sum(two["per_process_images_per_s"]))
+    assert one["vs_first"] == 1 and two["vs_first"] == pytest.approx(
+        two["summed_images_per_s"] / one["summed_images_per_s"]
+    )
+    cores = os.cpu_count() or 1
+    assert (one["threads_per_process"], two["threads_per_process"]) == (cores, max(1, cores // 2))
+    assert all(a["window_images_per_s"] > 0 for a in result["arrangements"])
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1,-1"])
+def test_bench_concurrent_rejects_bad_counts_in_one_line(capsys, value):
+    argv = ["bench", "--preset", "tiny", "--batch-size", "8", "--device", "cpu", "--concurrent", value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--concurrent" in err[0]
+
+
+def test_a_benchmark_process_that_dies_is_reported_not_awaited():
+    import multiprocessing as mp
+
+    from amdim.bench import _collect
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))
+    proc.start()
+    (result,) = _collect([proc], queue)
+    assert result == {"error": "a process exited with code 3 without a result"}

@@ -30,6 +30,12 @@ def test_shipped_specs_parse_and_shrink(name):
         spec.trial_config(point)
 
 
+@pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing"])
+def test_benchmark_specs_parse(name):
+    spec = load_spec(STUDIES / "bench" / f"{name}.yaml")
+    assert spec.name == name and spec.budget.workers == 1
+
+
 def test_smoke_variant_keeps_a_given_dataset(tmp_path):
     spec = load_spec(STUDIES / "nce.yaml", {"data.spec": f"npz:{tmp_path}"})
     assert smoke_variant(spec, keep_data=True).base.data.spec == f"npz:{tmp_path}"
