@@ -106,6 +106,10 @@ class DataConfig:
     batch_size: int = 200
     num_workers: int = 0
     drop_last: bool = True
+    # > 0: this fraction of the labelled training images (stratified, seeded by train.seed) is
+    # hidden from the online probes' labels and scores them every epoch as val_acc_lin/val_acc_mlp,
+    # so early stopping need not look at the test set. The encoder still trains on those images.
+    online_val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,11 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 
 def all_keys() -> list[str]:
     return list(to_flat(Config()))
+
+
+# Keys added after runs were first recorded, whose defaults reproduce the behaviour from before
+# they existed: a recorded run without them still rebuilds (``amdim rerun``).
+ADDED_KEYS = ("data.online_val_fraction",)
 
 
 def resolve_key(key: str) -> str:
@@ -437,6 +446,11 @@ def validate(cfg: Config) -> Config:
     _check(bool(d.spec), "data.spec", "must not be empty")
     _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (NCE needs negatives), got {d.batch_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(
+        0.0 <= d.online_val_fraction <= 0.5,
+        "data.online_val_fraction",
+        f"must be in [0, 0.5], got {d.online_val_fraction}",
+    )
 
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")

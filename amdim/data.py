@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -641,6 +641,28 @@ def train_loader(
     return TrainLoader(items, batches[start_step:], data_cfg.num_workers, pin_memory)
 
 
+def hold_out_online_val(bundle: DataBundle, fraction: float, seed: int) -> tuple[DataBundle, Tensor]:
+    """Hide ``fraction`` of each class of the labelled training images from the online probes.
+
+    Returns the bundle with those images' training labels set to -1 (unlabelled: the NCE
+    objective still trains on them, the probes' loss ignores them) and their indices into the
+    training set; score them against the original ``bundle.train_labels``. The offline probe's
+    ``probe_*`` fields are untouched. Deterministic in ``seed``, so every rank holds out the same
+    images.
+    """
+    from amdim.linear_eval import stratified_split
+
+    labels = bundle.train_labels
+    labelled = (labels >= 0).nonzero().flatten()
+    if len(labelled) < 2:
+        raise DataError(f"{bundle.name}: data.online_val_fraction needs labelled training images")
+    _, val = stratified_split(labels[labelled], fraction, seed)
+    val_idx = labelled[val]
+    masked = labels.clone()
+    masked[val_idx] = -1
+    return replace(bundle, train_labels=masked), val_idx
+
+
 class DevicePrefetcher:
     """Iterates ``batches`` (tuples of CPU tensors) with each batch already on ``device``.
 
@@ -731,6 +753,7 @@ def eval_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     shuffle_seed: int | None = None,
+    indices: Tensor | None = None,
 ) -> EvalLoader:
     """Batches ``(x, y)``: x float32 (b, 3, S, S) test-transformed (spec 5.3) and normalised,
     y int64 (b,); on ``device`` when given (the transform then runs there), else CPU.
@@ -739,14 +762,15 @@ def eval_loader(
     ``shuffle_seed`` reproduces the official shuffled, drop-last test loader (spec 11.9).
     With ``world_size > 1``, rank r takes every world_size-th image from r: the ranks cover the
     test set exactly once between them (no padding, so batch counts may differ by one; sum the
-    counts and all-reduce once at the end).
+    counts and all-reduce once at the end). ``indices`` restricts the loader to those images
+    (e.g. the online validation split of the training set, :func:`hold_out_online_val`).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    n = len(labels)
-    order = torch.arange(n)
+    order = torch.arange(len(labels)) if indices is None else indices
+    n = len(order)
     if shuffle_seed is not None:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(shuffle_seed)))
+        order = order[torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(shuffle_seed)))]
     batches = _split(order[rank::world_size], batch_size, drop_last)
     transform = (aug_cfg, image_size, tuple(mean), tuple(std))
     return EvalLoader(images, labels, batches, transform, device, num_workers)
@@ -764,6 +788,7 @@ __all__ = [
     "TrainLoader",
     "augment_generator",
     "eval_loader",
+    "hold_out_online_val",
     "load_data",
     "mix_seed",
     "shard_indices",

@@ -686,7 +686,7 @@ def config_from_run(run_id: str):
     """The exact config a recorded run was built from, rebuilt from its MLflow params alone."""
     import mlflow
 
-    from amdim.config import all_keys
+    from amdim.config import ADDED_KEYS, all_keys
 
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
@@ -700,14 +700,15 @@ def config_from_run(run_id: str):
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"run {run_id}: not found in {uri} ({first})") from None
     params = run.data.params
-    missing = [k for k in all_keys() if k not in params]
+    missing = [k for k in all_keys() if k not in params and k not in ADDED_KEYS]
     if missing:
         raise UserError(
             f"run {run_id}: its parameters lack {len(missing)} config keys (e.g. {missing[0]}); not an amdim run"
         )
-    cfg = from_flat({k: params[k] for k in all_keys()})
+    recorded = [k for k in all_keys() if k in params]
+    cfg = from_flat({k: params[k] for k in recorded})
     rebuilt = {k: str(v) for k, v in to_flat(cfg).items()}
-    differ = [k for k in all_keys() if rebuilt[k] != params[k]]
+    differ = [k for k in recorded if rebuilt[k] != params[k]]
     if differ:
         raise UserError(
             f"run {run_id}: {differ[0]}={params[differ[0]]!r} does not round-trip ({rebuilt[differ[0]]!r})"

@@ -4,13 +4,13 @@ A spec names a base training configuration (a preset plus flat overrides), a sea
 flat config keys, the objective, the budget, the scheduler, the sampler and the confirm stage::
 
     name: nce
-    base: {preset: cifar, data: "cifar10:data/cifar10", set: {train.epochs: 100}}
+    base: {preset: cifar, data: "cifar10:data/cifar10", set: {train.epochs: 100, data.online_val_fraction: 0.1}}
     search:
       loss.reg_weight: {type: float, low: 0.0, high: 0.2}
       loss.tclip: {type: choice, values: [5.0, 10.0, 20.0, "off"]}
     points:                                  # evaluated first (paper settings), labelled
       - {label: "λ = 0", loss.reg_weight: 0.0}
-    objective: {online: test_acc_lin, rank: probe_val_accuracy}
+    objective: {online: val_acc_lin, rank: probe_val_accuracy}   # val_: needs data.online_val_fraction
     budget: {trials: 24, epochs: 100, max_concurrent: 8, workers: 1, cpus_per_worker: 4, gpus_per_worker: 0.5}
     scheduler: {type: asha, grace_period: 10, reduction_factor: 3}
     sampler: {type: tpe, seed: 0}
@@ -48,7 +48,9 @@ class SpecError(UserError):
 
 
 ONLINE_METRICS = {  # per-epoch metrics the trainer reports, and which way is better
-    "test_acc_lin": "max",
+    "val_acc_lin": "max",  # the online probes on data.online_val_fraction of the training set
+    "val_acc_mlp": "max",
+    "test_acc_lin": "max",  # the paper's online evaluation: on the test set
     "test_acc_mlp": "max",
     "train_acc_lin": "max",
     "loss": "min",
@@ -419,7 +421,17 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
 
     objective_raw = _mapping(raw.get("objective"), "objective")
     _only(objective_raw, ("online", "rank"), "objective")
-    online = _str(objective_raw, "online", "objective", "test_acc_lin", tuple(ONLINE_METRICS))
+    # Default: the held-out validation split when the base config has one, so that early
+    # stopping never looks at the test set; else the paper's online test evaluation.
+    default_online = "val_acc_lin" if base.data.online_val_fraction > 0 else "test_acc_lin"
+    online = _str(objective_raw, "online", "objective", default_online, tuple(ONLINE_METRICS))
+    if online.startswith("val_") and base.data.online_val_fraction <= 0:
+        _fail(
+            "objective.online",
+            f"{online} needs a validation split: set data.online_val_fraction (e.g. 0.1) in base.set",
+        )
+    if online.startswith("val_") and "data.online_val_fraction" in {p.key for p in params}:
+        _fail("search.data.online_val_fraction", f"fixes what {online} measures; set it in base.set instead")
     rank = _str(objective_raw, "rank", "objective", "probe_val_accuracy", RANK_METRICS)
 
     sched_raw = _mapping(raw.get("scheduler"), "scheduler")

@@ -253,8 +253,11 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate_online(core: AMDIM, batches, device: torch.device, dist: DistContext) -> dict[str, float]:
-    """Top-1 accuracy of the online probes on the test set, encoder and probes in eval mode."""
+def evaluate_online(
+    core: AMDIM, batches, device: torch.device, dist: DistContext, split: str = "test"
+) -> dict[str, float]:
+    """Top-1 accuracy of the online probes on ``batches`` (the test set, or the online validation
+    split) as ``{split}_acc_lin`` and ``{split}_acc_mlp``; encoder and probes in eval mode."""
     was_training = core.training
     core.eval()
     counts = torch.zeros(3, device=device)
@@ -268,8 +271,8 @@ def evaluate_online(core: AMDIM, batches, device: torch.device, dist: DistContex
     counts = dist.all_reduce_sum(counts)
     n = float(counts[2])
     return {
-        "test_acc_lin": float(counts[0]) / n if n else math.nan,
-        "test_acc_mlp": float(counts[1]) / n if n else math.nan,
+        f"{split}_acc_lin": float(counts[0]) / n if n else math.nan,
+        f"{split}_acc_mlp": float(counts[1]) / n if n else math.nan,
     }
 
 
@@ -305,6 +308,9 @@ def fit(
     device = device or resolve_device(cfg.train.device)
     torch.manual_seed(epoch_seed(cfg.train.seed, -1, 0))  # identical initial weights on every rank
     bundle = bundle or data_mod.load_data(cfg.data.spec, cfg.model.image_size)
+    val_labels, val_idx = bundle.train_labels, None
+    if cfg.data.online_val_fraction > 0:
+        bundle, val_idx = data_mod.hold_out_online_val(bundle, cfg.data.online_val_fraction, cfg.train.seed)
     core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
     if cfg.train.channels_last:
         core = core.to(memory_format=torch.channels_last)
@@ -338,6 +344,12 @@ def fit(
             bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
         metrics.update(evaluate_online(core, test_batches, device, dist))
+        if val_idx is not None:
+            val_batches = data_mod.eval_loader(
+                bundle.train_images, val_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
+                bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size, indices=val_idx,
+            )  # fmt: skip
+            metrics.update(evaluate_online(core, val_batches, device, dist, split="val"))
         state.epoch += 1
         metrics["epoch"] = state.epoch
         state.history.append(metrics)
@@ -345,7 +357,9 @@ def fit(
             log(
                 f"epoch {state.epoch}/{cfg.train.epochs} loss {metrics['loss']:.4f} "
                 f"nce {metrics['loss_nce']:.4f} online test acc lin {metrics['test_acc_lin']:.4f} "
-                f"mlp {metrics['test_acc_mlp']:.4f} {metrics['images_per_s']:.0f} img/s"
+                f"mlp {metrics['test_acc_mlp']:.4f}"
+                + (f" val lin {metrics['val_acc_lin']:.4f}" if "val_acc_lin" in metrics else "")
+                + f" {metrics['images_per_s']:.0f} img/s"
             )
         if on_epoch_end is not None:
             on_epoch_end(metrics, lambda: checkpoint_payload(cfg, state, bundle.n_classes))

@@ -112,6 +112,10 @@ def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(smoke):
         # State agrees between Optuna and MLflow.
         expected = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("early_stopped", "KILLED")}[t.state.name]
         assert (run.data.tags["state"], run.info.status) == expected
+        # ASHA's signal (Optuna's intermediate values) is the online probe on the held-out
+        # validation split, epoch by epoch, never the test set.
+        val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc_lin")}
+        assert t.intermediate_values and t.intermediate_values == pytest.approx(val)
         if t.state.name == "COMPLETE":
             assert run.data.metrics["probe_val_accuracy"] == pytest.approx(t.value)
             assert "probe_test_accuracy" in run.data.metrics and run.data.tags["probe_protocol"]
