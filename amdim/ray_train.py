@@ -48,6 +48,49 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def other_local_ray() -> list[str]:
+    """GCS addresses of Ray instances already running on this machine that ``ray.init()`` would not
+    join (started by another process's ``ray.init``, not by ``ray start``). Empty when there are none,
+    or when a ``ray start`` cluster exists (``ray.init()`` joins that one)."""
+    try:
+        from ray._private import services
+
+        if services.find_bootstrap_address(None) is not None:
+            return []
+        services.find_gcs_addresses.cache_clear()
+        return sorted(services.find_gcs_addresses())
+    except Exception:  # a Ray without these helpers: no check, Ray's own behaviour
+        return []
+
+
+def init_ray(**kwargs: Any) -> bool:
+    """``ray.init`` (joining ``RAY_ADDRESS`` when set) unless this process is connected already;
+    returns whether it called it (and so should shut Ray down).
+
+    Two local Ray instances on one machine break Ray Train (its helper processes find both and
+    refuse to choose), so a second local start is refused in one line while another instance runs.
+    An instance that is shutting down (e.g. just after a killed study) gets
+    ``AMDIM_RAY_WAIT_S`` (default 20) seconds to go away first.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        deadline = time.monotonic() + float(os.environ.get("AMDIM_RAY_WAIT_S", "20"))
+        while (others := other_local_ray()) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if others:
+            raise UserError(
+                f"another local Ray instance is running on this machine (GCS {others[0]}; another study or "
+                "`amdim train`?), and two break Ray Train: wait for it to finish, or start one shared "
+                "instance with `ray start --head` and run with RAY_ADDRESS=auto"
+            )
+    ray.init(address=address, **kwargs)
+    return True
+
+
 def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
     """One-line errors, before Ray starts, for requests this machine or cluster cannot meet."""
     if workers < 1:
@@ -262,11 +305,8 @@ def train_ray(
     out.mkdir(parents=True, exist_ok=True)
     flat = to_flat(cfg)
     (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
-    started_ray = False
     t_init = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level="WARNING")
-        started_ray = True
+    started_ray = init_ray(log_to_driver=True, logging_level="WARNING")
     ray_init_s = time.perf_counter() - t_init
     record = None
     try:

@@ -338,12 +338,10 @@ class _RayScope:
     def __enter__(self):
         import ray
 
-        from amdim.ray_train import set_ray_env
+        from amdim.ray_train import init_ray, set_ray_env
 
         set_ray_env()
-        self.started = not ray.is_initialized()
-        if self.started:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level="ERROR")
+        self.started = init_ray(log_to_driver=False, logging_level="ERROR")
         return ray
 
     def __exit__(self, *exc):
