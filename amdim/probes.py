@@ -56,10 +56,12 @@ def classifier_loss(logits: Tensor, labels: Tensor) -> Tensor:
         logits: (N, C). labels: (N,) int64 with -1 for unlabelled samples.
     """
     clipped = LOGIT_CLIP * torch.tanh(logits / LOGIT_CLIP)
-    if bool((labels >= 0).any()):
-        ce = F.cross_entropy(clipped, labels, ignore_index=-1)
-    else:  # an all-unlabelled batch (STL-10 unlabeled split) contributes only the penalty
-        ce = clipped.sum() * 0.0
+    # The mean over labelled samples, written without a data-dependent branch: no host sync on
+    # the GPU and no graph break under torch.compile. An all-unlabelled batch (STL-10's unlabeled
+    # split, the online validation images) contributes only the penalty.
+    mask = labels >= 0
+    per_sample = F.cross_entropy(clipped, labels.clamp_min(0), reduction="none")
+    ce = (per_sample * mask).sum() / mask.sum().clamp_min(1)
     return ce + LOGIT_REG * (logits**2).mean()
 
 
