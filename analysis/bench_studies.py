@@ -14,7 +14,7 @@
     finished a trial whose ranking metric was within 1 point of the grid's best, as a fraction of
     the grid's epoch budget. One seed each: the proxy's noise is part of the answer.
 
-``python -m analysis.bench_studies packing [--resource cpu|gpu] [--shares 1.75,0.75]``
+``python -m analysis.bench_studies packing [--resource cpu|gpu] [--shares 1.75,0.75] [--preset P] [--set K=V]``
     Study throughput: runs ``studies/bench/packing.yaml`` (4 single-worker trials, no early
     stopping) once per per-trial share of the resource (``--resource gpu``: ``gpus_per_worker``,
     e.g. ``1,0.5,0.25`` for one, two or four trials per GPU; ``cpu``: ``cpus_per_worker``). For
@@ -173,6 +173,7 @@ def packing(args) -> dict:
     import yaml
 
     from amdim import study
+    from amdim.config import parse_set_args
     from amdim.study_spec import parse_spec
 
     runs = _runs(args)
@@ -189,10 +190,14 @@ def packing(args) -> dict:
             "name": f"packing-{args.resource}-{share:g}",
             "budget": {**raw["budget"], field: share},
         }
+        base = {**raw["base"], "set": {**raw["base"]["set"], **parse_set_args(args.set)}}
         if args.resource == "gpu":
-            spec_raw["base"] = {**raw["base"], "set": {**raw["base"]["set"], "train.device": "cuda"}}
+            base["set"]["train.device"] = "cuda"
+        if args.preset:
+            base["preset"] = args.preset
         if args.data:
-            spec_raw["base"] = {**spec_raw["base"], "data": args.data}
+            base["data"] = args.data
+        spec_raw["base"] = base
         spec = parse_spec(spec_raw, origin="studies/bench/packing.yaml")
         t0 = time.perf_counter()
         study.run_study(spec, log=lambda s: print(s, file=sys.stderr))
@@ -234,6 +239,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--shares", default="1.75,0.75", help="packing: per-trial shares of the resource, comma-separated"
+    )
+    parser.add_argument(
+        "--preset", help="packing: the base preset instead of the spec's (e.g. cifar on a GPU)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="packing: base config overrides"
     )
     args = parser.parse_args()
     out = {"smoke": smoke, "search": search, "packing": packing}[args.which](args)

@@ -4,10 +4,13 @@
 
 * ``trials``: one row per trial and seed (search and confirm stages): study, stage, trial (Optuna
   number for the search, position for the confirm stage), run_id, state, seed, setting, dataset,
-  config_id, epochs, wall_s, best/final online linear-probe accuracy, best online MLP accuracy, the
-  final offline probe accuracies (NaN when the trial did not finish), and ``param.<key>`` for
-  every searched key, typed as the config types it (``None`` is "off").
-* ``curves``: the online linear probe per epoch for every trial (early-stopped ones included).
+  config_id, epochs, wall_s, best/final online linear-probe test accuracy, best online MLP
+  accuracy, best/final online accuracy on the validation split (``data.online_val_fraction``;
+  NaN without it), the final offline probe accuracies (NaN when the trial did not finish), and
+  ``param.<key>`` for every searched key, typed as the config types it (``None`` is "off").
+* ``curves``: the online linear probe per epoch for every trial (early-stopped ones included), on
+  the test set (``test_acc_lin``, the paper's online evaluation) and on the validation split
+  (``val_acc_lin``, what ASHA decides on in the shipped specs; NaN without the split).
 
 Only MLflow's records are read, so a study collected on a laptop from a cluster's tracking server
 needs nothing else; the Optuna database adds the trial numbers and the parameter importances.
@@ -24,6 +27,7 @@ from amdim import tracking
 from amdim.errors import UserError
 
 CURVE_METRIC = "test_acc_lin"
+VAL_CURVE_METRIC = "val_acc_lin"  # the online probe on data.online_val_fraction of the training set
 
 
 def _typed(key: str, text: str | None) -> Any:
@@ -78,6 +82,7 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             trial, confirm_index = confirm_index, confirm_index + 1
         lin = metric_by_epoch(client, run.info.run_id, CURVE_METRIC)
         mlp = metric_by_epoch(client, run.info.run_id, "test_acc_mlp")
+        val = metric_by_epoch(client, run.info.run_id, VAL_CURVE_METRIC)  # ASHA's signal, if the split exists
         keys = [k for k in tags.get("sampled_keys", ",".join(spec.keys)).split(",") if k]
         wall = metrics.get("trial_wall_s")
         if wall is None and run.info.end_time and run.info.start_time:
@@ -97,6 +102,8 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             "best_online_acc": max(lin.values()) if lin else math.nan,
             "final_online_acc": lin[max(lin)] if lin else math.nan,
             "best_online_mlp_acc": max(mlp.values()) if mlp else math.nan,
+            "best_online_val_acc": max(val.values()) if val else math.nan,
+            "final_online_val_acc": val[max(val)] if val else math.nan,
             "probe_test_accuracy": metrics.get("probe_test_accuracy", math.nan),
             "probe_val_accuracy": metrics.get("probe_val_accuracy", math.nan),
             "images_per_s": metrics.get("images_per_s", math.nan),
@@ -108,12 +115,13 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
         for epoch, value in sorted(lin.items()):
             curves.append(
                 {"study": name, "stage": stage, "trial": trial, "run_id": run.info.run_id,
-                 "state": row["state"], "epoch": epoch, CURVE_METRIC: value}
+                 "state": row["state"], "epoch": epoch, CURVE_METRIC: value,
+                 VAL_CURVE_METRIC: val.get(epoch, math.nan)}
             )  # fmt: skip
     trials = pd.DataFrame(rows)
     if len(trials):
         trials = trials.sort_values(["stage", "trial"], key=_stage_key, kind="stable").reset_index(drop=True)
-    curve_cols = ["study", "stage", "trial", "run_id", "state", "epoch", CURVE_METRIC]
+    curve_cols = ["study", "stage", "trial", "run_id", "state", "epoch", CURVE_METRIC, VAL_CURVE_METRIC]
     return trials, pd.DataFrame(curves, columns=curve_cols)
 
 

@@ -326,6 +326,9 @@ def test_report_from_the_recorded_study(smoke, tmp_path):
     _, _, children = _children(runs, "smoke")
     assert len(trials) == len(children)
     assert set(trials["state"]) <= {"complete", "early_stopped"}
+    assert trials["best_online_val_acc"].between(0, 1).all()  # the smoke spec has the split
+    curves = pd.read_csv(out / "curves.csv")
+    assert curves["val_acc_lin"].between(0, 1).all() and curves["test_acc_lin"].between(0, 1).all()
     assert "paper default" in (out / "ablation.md").read_text()
     bad = _amdim(runs, "report", "smoke", "--format", "xlsx", "--out", str(out))
     assert bad.returncode == 2 and "unknown format 'xlsx'" in bad.stderr
