@@ -363,3 +363,16 @@ def test_prefetcher_delivers_pinned_batches_on_the_gpu_in_order(small):
         for got, want in zip(fetched, plain):
             for g, w in zip(got, want):
                 assert torch.equal(g.cpu(), w)
+
+
+def test_online_val_split_of_an_image_folder_loads_the_held_out_files(tmp_path):
+    from amdim.data import hold_out_online_val
+
+    make_folder(tmp_path)
+    b = load_data(f"imagefolder:{tmp_path}", image_size=32)
+    masked, val = hold_out_online_val(b, 0.34, seed=0)  # one image of each class
+    assert len(val) == 2 and masked.train_labels[val].tolist() == [-1, -1]
+    decode = round(32 * 146 / 128)
+    cfg = replace(AUG_IMAGENET, test_resize=decode)
+    (x, y), *rest = eval_loader(b.train_images, b.train_labels, cfg, 32, 8, b.mean, b.std, indices=val)
+    assert not rest and x.shape == (2, 3, 32, 32) and y.tolist() == b.train_labels[val].tolist() == [0, 1]
