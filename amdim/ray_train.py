@@ -84,8 +84,8 @@ def init_ray(**kwargs: Any) -> bool:
         if others:
             raise UserError(
                 f"another local Ray instance is running on this machine (GCS {others[0]}; another study or "
-                "`amdim train`?), and two break Ray Train: wait for it to finish, or start one shared "
-                "instance with `ray start --head` and run with RAY_ADDRESS=auto"
+                "`amdim train`?), and two break Ray Train: wait for it to finish (`ray stop` ends a leftover "
+                "one), or start one shared instance with `ray start --head` and run with RAY_ADDRESS=auto"
             )
     ray.init(address=address, **kwargs)
     return True
@@ -179,8 +179,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.train.device != "cpu" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    import ray
-
     threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
     torch.set_num_threads(threads)
 
