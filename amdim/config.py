@@ -143,6 +143,13 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 50
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (smoke tests)
+    # Spec 6.2: before each online evaluation, refresh the BN running statistics with forward
+    # passes in train mode (no labels, no grad). "eval": on the images about to be evaluated
+    # (the official code: test images for the test evaluation); "train": on training images
+    # (stricter: evaluation never adapts to the evaluated images); "off": the running statistics
+    # from training as they are.
+    eval_bn_warmup: str = "off"
+    eval_bn_warmup_batches: int = 50
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,7 @@ def all_keys() -> list[str]:
 
 # Keys added after runs were first recorded, whose defaults reproduce the behaviour from before
 # they existed: a recorded run without them still rebuilds (``amdim rerun``).
-ADDED_KEYS = ("data.online_val_fraction",)
+ADDED_KEYS = ("data.online_val_fraction", "train.eval_bn_warmup", "train.eval_bn_warmup_batches")
 
 
 def resolve_key(key: str) -> str:
@@ -471,6 +478,12 @@ def validate(cfg: Config) -> Config:
     _check(t.amp in ("auto", "bf16", "off"), "train.amp", f"must be auto, bf16 or off, got '{t.amp}'")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
+    _check(
+        t.eval_bn_warmup in ("off", "eval", "train"),
+        "train.eval_bn_warmup",
+        f"must be off, eval or train, got '{t.eval_bn_warmup}'",
+    )
+    _check(t.eval_bn_warmup_batches >= 1, "train.eval_bn_warmup_batches", "must be >= 1")
 
     _check(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
     _check(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

@@ -253,6 +253,30 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def warm_up_bn(core: AMDIM, batches, device: torch.device, n_batches: int) -> int:
+    """Spec 6.2's BN warm-up: ``n_batches`` forward passes of the encoder and probes in train mode
+    (no labels, no gradients) over ``batches``, cycled if it has fewer, so that every BatchNorm's
+    running statistics describe these images. Batches of one image are skipped (train-mode BN on a
+    1x1 map needs two). Returns the number of passes made."""
+    was_training = core.training
+    core.train()
+    done = 0
+    while done < n_batches:
+        before = done
+        for x, _ in batches:
+            if x.shape[0] < 2:
+                continue
+            core.probes(core.encoder(x.to(device, non_blocking=True))[0].flatten(1))
+            done += 1
+            if done == n_batches:
+                break
+        if done == before:  # nothing usable in the loader
+            break
+    core.train(was_training)
+    return done
+
+
+@torch.no_grad()
 def evaluate_online(
     core: AMDIM, batches, device: torch.device, dist: DistContext, split: str = "test"
 ) -> dict[str, float]:
@@ -311,6 +335,11 @@ def fit(
     val_labels, val_idx = bundle.train_labels, None
     if cfg.data.online_val_fraction > 0:
         bundle, val_idx = data_mod.hold_out_online_val(bundle, cfg.data.online_val_fraction, cfg.train.seed)
+    train_idx = None  # the training images outside the held-out split (all when there is none)
+    if val_idx is not None:
+        keep = torch.ones(len(val_labels), dtype=torch.bool)
+        keep[val_idx] = False
+        train_idx = keep.nonzero().flatten()
     core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
     if cfg.train.channels_last:
         core = core.to(memory_format=torch.channels_last)
@@ -343,12 +372,24 @@ def fit(
             bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
             bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
+        warm = cfg.train.eval_bn_warmup
+        if warm == "train":  # shuffled training images (not the held-out ones), test transform
+            warm_batches = data_mod.eval_loader(
+                bundle.train_images, bundle.train_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
+                bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size, drop_last=True,
+                shuffle_seed=epoch_seed(cfg.train.seed, state.epoch, 7), indices=train_idx,
+            )  # fmt: skip
+            warm_up_bn(core, warm_batches, device, cfg.train.eval_bn_warmup_batches)
+        if warm == "eval":
+            warm_up_bn(core, test_batches, device, cfg.train.eval_bn_warmup_batches)
         metrics.update(evaluate_online(core, test_batches, device, dist))
         if val_idx is not None:
             val_batches = data_mod.eval_loader(
                 bundle.train_images, val_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
                 bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size, indices=val_idx,
             )  # fmt: skip
+            if warm == "eval":
+                warm_up_bn(core, val_batches, device, cfg.train.eval_bn_warmup_batches)
             metrics.update(evaluate_online(core, val_batches, device, dist, split="val"))
         state.epoch += 1
         metrics["epoch"] = state.epoch
