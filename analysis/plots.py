@@ -166,7 +166,8 @@ def parallel_coordinates(trials: pd.DataFrame, metric: str, path: str | Path) ->
 
 
 def learning_curves(curves: pd.DataFrame, path: str | Path, metric: str = "test_acc_lin") -> Path:
-    """Every run's online linear-probe accuracy per epoch, styled by state, with a legend of states.
+    """Every run's online linear-probe accuracy per epoch (``metric``: ``test_acc_lin``, or
+    ``val_acc_lin``, the validation split ASHA reads), styled by state, with a legend of states.
 
     Early-stopped runs are grey dashed lines ending in a cross, drawn above the complete ones so
     they stay visible.
@@ -195,8 +196,9 @@ def learning_curves(curves: pd.DataFrame, path: str | Path, metric: str = "test_
     ]
     ax.legend(handles, [f"{s.replace('_', ' ')} ({drawn[s]})" for s in order], title="state", fontsize=8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("online linear probe test accuracy (%)")
-    ax.set_title(f"Learning curves ({sum(drawn.values())} runs)")
+    split = "validation-split" if metric.startswith("val_") else "test"
+    ax.set_ylabel(f"online linear probe {split} accuracy (%)")
+    ax.set_title(f"Learning curves ({sum(drawn.values())} runs, {metric})")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

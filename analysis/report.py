@@ -49,6 +49,9 @@ def report(name: str, formats: list[str], out: Path, metric: str = "probe_test_a
         written.append(plots.parallel_coordinates(search, metric, out / "parallel.png"))
     if len(curves):
         written.append(plots.learning_curves(curves, out / "curves.png"))
+        val = curves.dropna(subset=["val_acc_lin"])
+        if len(val):  # the study's online validation split: what ASHA decided on
+            written.append(plots.learning_curves(val, out / "curves_val.png", metric="val_acc_lin"))
     complete = trials[(trials["state"] == "complete") & trials[metric].notna()]
     if len(complete):
         info["online_offline_r"] = plots.online_vs_offline(trials, out / "online_vs_offline.png")

@@ -57,6 +57,10 @@ def test_every_plot_renders_a_png(tmp_path):
     )
     assert_png(parallel_coordinates(trials, "probe_test_accuracy", tmp_path / "par.png"))
     assert_png(learning_curves(make_curves(), tmp_path / "sub" / "curves.png"))
+    with_val = make_curves().assign(val_acc_lin=lambda d: d["test_acc_lin"] + 0.01)
+    assert_png(learning_curves(with_val, tmp_path / "curves_val.png", metric="val_acc_lin"))
+    with pytest.raises(ValueError, match="val_acc_lin"):  # a study without the split has no such curve
+        learning_curves(make_curves(), tmp_path / "x.png", metric="val_acc_lin")
     r = online_vs_offline(trials, tmp_path / "scatter.png")
     assert_png(tmp_path / "scatter.png")
     assert -1.0 <= r <= 1.0

@@ -318,7 +318,7 @@ def test_report_from_the_recorded_study(smoke, tmp_path):
     for name in ("results", "states", "ablation"):
         for ext in ("csv", "md", "tex"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
-    for png in ("importance", "parallel", "curves", "online_vs_offline"):
+    for png in ("importance", "parallel", "curves", "curves_val", "online_vs_offline"):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import pandas as pd
 
