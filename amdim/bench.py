@@ -92,6 +92,13 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _check_counts(steps: int, warmup: int) -> None:
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if warmup < 1:
+        raise UserError(f"--warmup must be >= 1 (the first step compiles and allocates), got {warmup}")
+
+
 def _median_rate(times: list[float], batch: int) -> float:
     return batch / statistics.median(times)
 
@@ -291,10 +298,7 @@ def run_bench(
     """
     started, load_before = _now(), _load_average()
     dev = bench_device(str(device))
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    if warmup < 1:
-        raise UserError(f"--warmup must be >= 1 (the first step compiles and allocates), got {warmup}")
+    _check_counts(steps, warmup)
     if peak_tflops is not None and not peak_tflops > 0:
         raise UserError(f"--peak-tflops must be > 0, got {peak_tflops}")
     cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
@@ -472,8 +476,7 @@ def run_shared_bench(
     dev = bench_device(str(device))
     if not counts or any(n < 1 for n in counts):
         raise UserError(f"--concurrent needs counts >= 1, got {counts}")
-    if steps < 1 or warmup < 1:
-        raise UserError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
+    _check_counts(steps, warmup)
     cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
     data_mod.load_data(cfg.data.spec, cfg.model.image_size)  # a bad dataset fails here, in one line
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children

@@ -694,6 +694,8 @@ class DevicePrefetcher:
         nxt = next(it, None)
         ready = load(nxt) if nxt is not None else None
         while ready is not None:
+            # Wait for this batch's copy before queueing the next one: waiting after it would make
+            # the step wait for the next copy too, and the two would no longer overlap.
             compute.wait_stream(side)
             for t in ready:
                 t.record_stream(compute)

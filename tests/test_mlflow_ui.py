@@ -15,16 +15,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from subprocess_env import clean_env
+from subprocess_env import ROOT, start_amdim
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "studies" / "smoke.yaml"
 IMG = ROOT / "docs" / "img"
 
@@ -45,15 +43,7 @@ def study(tmp_path_factory):
     can make Ray Train's placement-group cleaner fail ("Found multiple active Ray instances").
     """
     runs = tmp_path_factory.mktemp("ui") / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "amdim.cli", "study", "run", str(SMOKE)],
-        cwd=ROOT,
-        env=clean_env(runs),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_amdim(runs, "study", "run", str(SMOKE))
     try:
         out, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:

@@ -10,35 +10,25 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from subprocess_env import clean_env
+from subprocess_env import clean_env, run_amdim
 
 from amdim.ray_train import other_local_ray
 
-ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
     "import sys, ray; ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR'); "
     "print('up', flush=True); sys.stdin.read(); ray.shutdown()"
 )
 
 
-def _amdim(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "amdim.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def test_second_local_ray_is_refused_while_another_runs(tmp_path):
     runs = tmp_path / "runs"
-    env = {**clean_env(runs), "AMDIM_RAY_WAIT_S": "2"}
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD],
+        env=clean_env(runs),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "up"
@@ -47,7 +37,7 @@ def test_second_local_ray_is_refused_while_another_runs(tmp_path):
             ("train", "--preset", "tiny", "--epochs", "1", "--out", str(tmp_path / "out")),
             ("study", "run", "studies/smoke.yaml"),
         ):
-            proc = _amdim(env, *args)
+            proc = run_amdim(runs, *args, timeout=180, extra_env={"AMDIM_RAY_WAIT_S": "2"})
             err = proc.stderr.strip().splitlines()
             assert proc.returncode == 2, proc.stderr[-2000:]
             assert len(err) == 1 and "another local Ray instance is running" in err[0], err

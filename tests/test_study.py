@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,21 +17,9 @@ import optuna
 import pytest
 import torch
 import yaml
-from subprocess_env import clean_env
+from subprocess_env import ROOT, run_amdim, start_amdim
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "studies" / "smoke.yaml"
-
-
-def _amdim(runs: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "amdim.cli", *args],
-        cwd=ROOT,
-        env=clean_env(runs),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _children(runs: Path, name: str):
@@ -55,7 +42,7 @@ def smoke(tmp_path_factory):
     """`amdim study run studies/smoke.yaml`, exactly as a user types it, in a fresh runs folder."""
     runs = tmp_path_factory.mktemp("study") / "runs"
     t0 = time.perf_counter()
-    proc = _amdim(runs, "study", "run", str(SMOKE))
+    proc = run_amdim(runs, "study", "run", str(SMOKE))
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return runs, proc, wall
@@ -146,18 +133,18 @@ def test_sampled_loss_settings_reach_the_built_model(smoke):
 
 def test_status_command(smoke):
     runs, _, _ = smoke
-    proc = _amdim(runs, "study", "status", "smoke", "--json")
+    proc = run_amdim(runs, "study", "status", "smoke", "--json")
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     assert sum(status["stages"]["search"].values()) == len(_optuna(runs, "smoke").trials)
     assert status["best"]["number"] >= 0
-    text = _amdim(runs, "study", "status", "smoke").stdout
+    text = run_amdim(runs, "study", "status", "smoke").stdout
     assert "search:" in text and "best: trial" in text
 
 
 def test_confirm_stage_and_rerun(smoke):
     runs, _, _ = smoke
-    proc = _amdim(runs, "study", "confirm", "smoke", "--top", "1", "--seeds", "2")
+    proc = run_amdim(runs, "study", "confirm", "smoke", "--top", "1", "--seeds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, parent, children = _children(runs, "smoke")
     confirm = [r for r in children if r.data.tags["stage"] == "confirm"]
@@ -174,7 +161,7 @@ def test_confirm_stage_and_rerun(smoke):
     source = next(
         r for r in children if r.data.tags["stage"] == "search" and r.data.tags["state"] == "complete"
     )
-    proc = _amdim(runs, "rerun", source.info.run_id, "--local", "--out", str(runs.parent / "rerun"))
+    proc = run_amdim(runs, "rerun", source.info.run_id, "--local", "--out", str(runs.parent / "rerun"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rerun = client.search_runs(
         [source.info.experiment_id], filter_string=f"tags.rerun_of = '{source.info.run_id}'"
@@ -185,7 +172,7 @@ def test_confirm_stage_and_rerun(smoke):
 
 
 def test_rerun_unknown_run_is_one_line(tmp_path):
-    proc = _amdim(tmp_path / "runs", "rerun", "0123456789abcdef0123456789abcdef", "--local")
+    proc = run_amdim(tmp_path / "runs", "rerun", "0123456789abcdef0123456789abcdef", "--local")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and (
         "not found" in proc.stderr or "no MLflow store" in proc.stderr
@@ -242,15 +229,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     spec_path = tmp_path / "resume.yaml"
     spec_path.write_text(yaml.safe_dump(RESUME_SPEC))
     sdir = runs / "studies" / "resume"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "amdim.cli", "study", "run", str(spec_path)],
-        cwd=ROOT,
-        env=clean_env(runs),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the kill takes the local Ray with it
-    )
+    proc = start_amdim(runs, "study", "run", str(spec_path))  # own process group: the kill takes its Ray too
     try:
 
         def one_done_and_second_checkpointed() -> bool:
@@ -287,7 +266,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     }
     assert set(done_runs) == set(done_before)
 
-    again = _amdim(runs, "study", "run", str(spec_path))
+    again = run_amdim(runs, "study", "run", str(spec_path))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming the search stage" in again.stdout
 
@@ -313,7 +292,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
 def test_report_from_the_recorded_study(smoke, tmp_path):
     runs, _, _ = smoke
     out = tmp_path / "report"
-    proc = _amdim(runs, "report", "smoke", "--format", "csv,md,tex", "--out", str(out))
+    proc = run_amdim(runs, "report", "smoke", "--format", "csv,md,tex", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("results", "states", "ablation"):
         for ext in ("csv", "md", "tex"):
@@ -330,8 +309,10 @@ def test_report_from_the_recorded_study(smoke, tmp_path):
     curves = pd.read_csv(out / "curves.csv")
     assert curves["val_acc_lin"].between(0, 1).all() and curves["test_acc_lin"].between(0, 1).all()
     assert "paper default" in (out / "ablation.md").read_text()
-    bad = _amdim(runs, "report", "smoke", "--format", "xlsx", "--out", str(out))
+    bad = run_amdim(runs, "report", "smoke", "--format", "xlsx", "--out", str(out))
     assert bad.returncode == 2 and "unknown format 'xlsx'" in bad.stderr
-    compare = _amdim(runs, "report", "--compare", "smoke", "--format", "md", "--out", str(tmp_path / "cmp"))
+    compare = run_amdim(
+        runs, "report", "--compare", "smoke", "--format", "md", "--out", str(tmp_path / "cmp")
+    )
     assert compare.returncode == 0, compare.stderr[-2000:]
     assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()
