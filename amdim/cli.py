@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from amdim.errors import UserError
+from amdim.harness.local import json_default
 
 EXIT_USAGE = 2
 
@@ -46,18 +46,6 @@ def build_config(args: argparse.Namespace):
     return with_overrides(preset(args.preset), overrides)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     from amdim.config import PRESETS, to_flat
 
@@ -74,81 +62,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_local(
-    cfg, out: Path, *, resume: bool, probe: bool, experiment: str | None = "amdim", log=print
-) -> dict[str, Any]:
-    """Train in this process, checkpoint every epoch to ``out``, then run the offline probe.
-
-    With ``experiment`` set the run is recorded in MLflow like a Ray run (see amdim.tracking).
-    """
-    from amdim import checkpoint as ckpt_io
-    from amdim import data as data_mod
-    from amdim import trainer
-    from amdim.config import to_flat
-    from amdim.linear_eval import evaluate_encoder
-
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    payload = None
-    if resume and ckpt_path.exists():
-        payload = ckpt_io.load(ckpt_path)
-        if payload["config"] != {**to_flat(cfg), "train.epochs": payload["config"]["train.epochs"]}:
-            raise UserError(f"{ckpt_path} was trained with a different configuration; use another --out")
-        log(f"resuming from {ckpt_path} at epoch {payload['epoch']}")
-    (out / "config.json").write_text(json.dumps(to_flat(cfg), indent=2) + "\n")
-    device = trainer.resolve_device(cfg.train.device)
-    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-    record = None
-    if experiment:
-        from amdim import tracking
-
-        uri = tracking.tracking_uri()
-        tracking.check_tracking(uri)
-        flat = to_flat(cfg)
-        tags = tracking.run_tags(flat, str(device), {"launcher": "local"})
-        record = tracking.RunRecord.create(uri, experiment, out.name, flat, tags)
-        record.log_artifact(out / "config.json")
-
-    def save(metrics: dict[str, float], make_payload) -> None:
-        ckpt_io.save(ckpt_path, make_payload())
-        if record is not None:
-            record.log_metrics(metrics, step=int(metrics["epoch"]))
-
-    try:
-        t0 = time.perf_counter()
-        state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log, device=device)
-        train_time = time.perf_counter() - t0
-        ckpt_io.save(ckpt_path, trainer.checkpoint_payload(cfg, state, bundle.n_classes))  # --epochs 0 too
-        result: dict[str, Any] = {
-            "config": to_flat(cfg),
-            "epochs": state.epoch,
-            "history": state.history,
-            "train_time_s": train_time,
-            "checkpoint": str(ckpt_path),
-        }
-        if probe:
-            t1 = time.perf_counter()
-            result["probe"] = evaluate_encoder(state.core.encoder, bundle, cfg, device)
-            result["probe"]["time_s"] = time.perf_counter() - t1
-            result["probe"]["epoch"] = state.epoch
-            if record is not None:
-                record.log_probe(result["probe"])
-        if record is not None:
-            if state.core.mixture is not None:
-                png = write_segmentation(
-                    state.core, cfg, bundle, out / "segmentation.png", n=16, device=device
-                )
-                record.log_artifact(png)
-            result["run_id"] = record.run_id
-            record.finish("FINISHED")
-    except BaseException:
-        if record is not None:
-            record.finish("KILLED")
-        raise
-    _write_json(out / "metrics.json", result)
-    return result
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.smoke_test:
@@ -157,11 +70,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = with_overrides(cfg, {"train.epochs": 1, "train.max_steps_per_epoch": 2, "probe.epochs": 2})
     out = Path(args.out or f"runs/train-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.local:
+        from amdim.harness.local import train_local
+
         result = train_local(
             cfg, out, resume=args.resume, probe=not args.no_probe, experiment=args.experiment
         )
     else:
-        from amdim.ray_train import train_ray
+        from amdim.harness.ray_train import train_ray
 
         result = train_ray(
             cfg,
@@ -202,40 +117,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     result = evaluate_encoder(model.encoder, bundle, cfg, device)
     result.update({"checkpoint": str(args.checkpoint), "epoch": int(payload["epoch"]), "data": cfg.data.spec})
     if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
     else:
         print(f"{result['protocol']}: test accuracy {result['test_accuracy']:.4f} on {cfg.data.spec}")
     return 0
 
 
-def write_segmentation(model, cfg, bundle, out: Path, *, n: int, device) -> Path:
-    """Mixture-component maps of the first ``n`` test images, written as a PNG grid."""
-    import torch
-
-    from amdim import data as data_mod
-    from amdim.mixture import save_segmentation_grid, segment
-    from amdim.nce import mix_alpha
-
-    n = max(2, min(n, len(bundle.test_labels)))  # the segmentation scores need negatives
-    x, _ = next(iter(data_mod.eval_loader(
-        bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, n, bundle.mean, bundle.std
-    )))  # fmt: skip
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        r1, _, r7 = model.encoder(x.to(device))
-        assign = segment(r1, r7, model.mixture, mix_alpha(cfg.loss), tclip=cfg.loss.tclip)
-    model.train(was_training)
-    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return save_segmentation_grid((x * std + mean).clamp(0, 1), assign.cpu(), out, cfg.loss.n_mix)
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from amdim import checkpoint as ckpt_io
     from amdim import data as data_mod
-    from amdim import trainer
+    from amdim import evaluate, trainer
 
     payload = ckpt_io.load(args.checkpoint)
     device = trainer.resolve_device(args.device)
@@ -243,7 +134,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if model.mixture is None:
         raise UserError(f"{args.checkpoint} was trained without mixtures (loss.n_mix=1): nothing to segment")
     bundle = data_mod.load_data(args.data or cfg.data.spec, cfg.model.image_size)
-    out = write_segmentation(model, cfg, bundle, Path(args.out), n=args.n, device=device)
+    out = evaluate.write_segmentation(model, cfg, bundle, Path(args.out), n=args.n, device=device)
     print(f"wrote {out} ({cfg.loss.n_mix} components)")
     return 0
 
@@ -251,7 +142,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from amdim import tracking
+    from amdim.harness import tracking
 
     uri = tracking.tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -302,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             build_config(args), args.batch_size, args.device, counts, steps, warmup,
             threads=args.threads, preset=args.preset,
         )  # fmt: skip
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return 0
     result = run_bench(
         build_config(args),
@@ -314,14 +205,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data=not args.no_data,
         peak_tflops=args.peak_tflops,
     )
-    print(json.dumps(result, indent=2, default=_json_default))
+    print(json.dumps(result, indent=2, default=json_default))
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from amdim import study
     from amdim.config import parse_set_args
-    from amdim.study_spec import load_spec, smoke_variant
+    from amdim.harness import study
+    from amdim.harness.study_spec import load_spec, smoke_variant
 
     if args.study_command == "run":
         overrides = parse_set_args(args.overrides)
@@ -351,8 +242,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_rerun(args: argparse.Namespace) -> int:
     import mlflow
 
-    from amdim import study, tracking
     from amdim.config import with_overrides
+    from amdim.harness import study, tracking
 
     cfg, run = study.config_from_run(args.run_id)
     if args.epochs is not None:
@@ -362,9 +253,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/rerun-{args.run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"rerunning {args.run_id} ({run.info.run_name}) from its MLflow record into {out}")
     if args.local:
+        from amdim.harness.local import train_local
+
         result = train_local(cfg, out, resume=False, probe=True, experiment=experiment)
     else:
-        from amdim.ray_train import train_ray
+        from amdim.harness.ray_train import train_ray
 
         cfg = with_overrides(cfg, {"train.device": "auto"})
         result = train_ray(

@@ -98,6 +98,10 @@ class AugConfig:
         )
 
 
+# The dataset kinds a data spec ("kind:path,...") may name; loaded by amdim.data.load_data.
+DATA_KINDS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "npz")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and how it is batched. ``spec`` is a data spec string (see amdim.data)."""

@@ -37,10 +37,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from amdim.augment import TorchvisionTwoViews, test_transform
-from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, AugConfig, DataConfig
+from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, DATA_KINDS, AugConfig, DataConfig
 from amdim.errors import ConfigError, DataError
 
-KINDS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "npz")
+KINDS = DATA_KINDS
 _USAGE = "synthetic[:k=v,...], cifar10:ROOT, cifar100:ROOT, stl10:ROOT, imagefolder:ROOT, npz:PATH"
 
 # Normalisation per dataset family (spec 5.2) and the augmentation family each one reports.

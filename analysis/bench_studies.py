@@ -44,7 +44,7 @@ def _runs(args) -> Path:
 
 
 def _children(name: str):
-    from amdim.study import study_runs
+    from amdim.harness.study import study_runs
 
     client, _, runs = study_runs(name)
     return client, runs
@@ -58,8 +58,8 @@ def _sum_metric(client, run_id: str, key: str) -> float:
 
 
 def smoke(args) -> dict:
-    from amdim import study
-    from amdim.study_spec import load_spec
+    from amdim.harness import study
+    from amdim.harness.study_spec import load_spec
 
     runs = _runs(args)
     spec = load_spec(ROOT / "studies" / "smoke.yaml")
@@ -90,8 +90,8 @@ def smoke(args) -> dict:
 def search(args) -> dict:
     import optuna
 
-    from amdim import study
-    from amdim.study_spec import load_spec
+    from amdim.harness import study
+    from amdim.harness.study_spec import load_spec
 
     _runs(args)
     over = {"data.spec": args.data} if args.data else {}
@@ -172,9 +172,9 @@ def _max_overlap(spans: list[tuple[int, int | None]]) -> int:
 def packing(args) -> dict:
     import yaml
 
-    from amdim import study
     from amdim.config import parse_set_args
-    from amdim.study_spec import parse_spec
+    from amdim.harness import study
+    from amdim.harness.study_spec import parse_spec
 
     runs = _runs(args)
     raw = yaml.safe_load((ROOT / "studies" / "bench" / "packing.yaml").read_text())

@@ -23,15 +23,15 @@ from typing import Any
 
 import pandas as pd
 
-from amdim import tracking
 from amdim.errors import UserError
+from amdim.harness import tracking
 
 CURVE_METRIC = "test_acc_lin"
 VAL_CURVE_METRIC = "val_acc_lin"  # the online probe on data.online_val_fraction of the training set
 
 
 def _typed(key: str, text: str | None) -> Any:
-    from amdim.study_spec import canonical
+    from amdim.harness.study_spec import canonical
 
     if text is None:
         return None
@@ -50,7 +50,7 @@ def metric_by_epoch(client, run_id: str, key: str) -> dict[int, float]:
 def _optuna_numbers(name: str) -> dict[str, int]:
     import optuna
 
-    from amdim.study import optuna_url, study_dir
+    from amdim.harness.study import optuna_url, study_dir
 
     if not (study_dir(name) / "optuna.db").is_file():
         return {}
@@ -63,7 +63,7 @@ def _optuna_numbers(name: str) -> dict[str, int]:
 
 def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's trials and learning curves (see the module docstring)."""
-    from amdim.study import load_study_spec, study_runs
+    from amdim.harness.study import load_study_spec, study_runs
 
     spec = load_study_spec(name)
     uri = uri or tracking.tracking_uri()
@@ -142,7 +142,7 @@ def importances(name: str, trials: pd.DataFrame, metric: str) -> tuple[dict[str,
     variance-share fallback of :func:`analysis.plots.importance_from_trials`."""
     import optuna
 
-    from amdim.study import optuna_url, study_dir
+    from amdim.harness.study import optuna_url, study_dir
     from analysis.plots import importance_from_trials
 
     if (study_dir(name) / "optuna.db").is_file():

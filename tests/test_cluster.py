@@ -1,6 +1,6 @@
 """Cluster deployment: ``cluster.yaml`` checked with Ray's own launcher validation (offline, the
 first two steps of ``ray up``), and ``scripts/tracking-server`` run for real against a temporary
-SQLite store, with a run logged through it by :class:`amdim.tracking.RunRecord`."""
+SQLite store, with a run logged through it by :class:`amdim.harness.tracking.RunRecord`."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from amdim import tracking
 from amdim.errors import UserError
+from amdim.harness import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -19,7 +19,7 @@ from amdim import data as data_mod
 from amdim import trainer
 from amdim.config import AUG_CIFAR, DataConfig, preset, to_flat, with_overrides
 from amdim.errors import ConfigError
-from amdim.study_spec import SpecError, load_spec, parse_spec
+from amdim.harness.study_spec import SpecError, load_spec, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +141,11 @@ def test_spec_refuses_a_val_objective_without_the_split():
 
 
 def test_a_run_recorded_before_the_key_existed_still_reruns(tmp_path, monkeypatch):
-    from amdim.study import config_from_run
+    from amdim.harness.study import config_from_run
 
     monkeypatch.setenv("AMDIM_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from amdim.tracking import tracking_uri
+    from amdim.harness.tracking import tracking_uri
 
     (tmp_path / "runs").mkdir()
     cfg = preset("tiny")

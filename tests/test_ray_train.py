@@ -28,21 +28,21 @@ def store(tmp_path, monkeypatch):
     """A fresh runs folder (and so a fresh SQLite MLflow store) for each test."""
     monkeypatch.setenv("AMDIM_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from amdim.ray_train import set_ray_env
+    from amdim.harness.ray_train import set_ray_env
 
     set_ray_env()
     return tmp_path
 
 
 def _read_run(run_id: str):
-    from amdim.tracking import tracking_uri
+    from amdim.harness.tracking import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri())
     return client, client.get_run(run_id)
 
 
 def _train(spec: str, out: Path, **extra):
-    from amdim.ray_train import train_ray
+    from amdim.harness.ray_train import train_ray
 
     cfg = with_overrides(preset("tiny"), {**FAST, "data.spec": spec, **extra})
     return cfg, train_ray(cfg, out, workers=2, cpus_per_worker=1, experiment="test-ray")
@@ -52,7 +52,7 @@ def _train(spec: str, out: Path, **extra):
     "cpus, threads", [(None, None), (0.25, 1), (0.75, 1), (1, 1), (1.75, 2), (2, 2), (3.5, 4)]
 )
 def test_worker_threads_round_the_cpu_reservation(cpus, threads):
-    from amdim.ray_train import worker_threads
+    from amdim.harness.trial import worker_threads
 
     assert worker_threads(cpus) == (threads or max(1, torch.get_num_threads()))
 
@@ -82,7 +82,7 @@ def test_two_worker_run_is_fully_recorded(store, spec):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "probe.json"} <= artifacts
     # The same record through the public search API the analysis layer uses.
-    from amdim.tracking import tracking_uri
+    from amdim.harness.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     df = mlflow.search_runs(experiment_names=["test-ray"])

@@ -4,7 +4,6 @@ killed for real."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -19,7 +18,18 @@ import torch
 import yaml
 from subprocess_env import ROOT, run_amdim, start_amdim
 
+from amdim.config import preset, to_flat
+from amdim.harness.trial import registered_checkpoints
+
 SMOKE = ROOT / "studies" / "smoke.yaml"
+
+# The two ways a trial trains: the shipped smoke spec has one worker per trial, so its trials
+# train in their Tune actors; its 2-worker variant keeps one Ray Train job per trial (fewer and
+# shorter trials: each pays the Train job's start-up).
+TRAIN_PATH = {
+    "name": "smoke-train",
+    "budget": {"trials": 2, "epochs": 2, "max_concurrent": 1, "workers": 2, "cpus_per_worker": 0.5},
+}
 
 
 def _children(runs: Path, name: str):
@@ -37,64 +47,85 @@ def _optuna(runs: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{runs / 'studies' / name / 'optuna.db'}")
 
 
+def _checkpoint(run) -> dict:
+    """The trial's latest checkpoint, where its MLflow run says Ray stored it."""
+    path = Path(run.data.tags["checkpoint_path"]) / "checkpoint.pt"
+    assert path.is_file(), path
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_RUNS: dict[str, tuple] = {}
+
+
+def _study(path: str, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, str]:
+    """`amdim study run SPEC`, exactly as a user types it, in a fresh runs folder; once per path
+    for the whole module."""
+    if path not in _RUNS:
+        runs = tmp_path_factory.mktemp(f"study-{path}") / "runs"
+        spec = yaml.safe_load(SMOKE.read_text())
+        if path == "train":
+            spec["name"] = TRAIN_PATH["name"]
+            spec["budget"].update(TRAIN_PATH["budget"])
+        spec_path = runs.parent / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+        proc = run_amdim(runs, "study", "run", str(SMOKE if path == "tune" else spec_path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _RUNS[path] = (runs, proc, spec["name"])
+    return _RUNS[path]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`amdim study run studies/smoke.yaml`, exactly as a user types it, in a fresh runs folder."""
-    runs = tmp_path_factory.mktemp("study") / "runs"
-    t0 = time.perf_counter()
-    proc = run_amdim(runs, "study", "run", str(SMOKE))
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return runs, proc, wall
+    """The shipped smoke study (single-worker trials: the Tune path)."""
+    return _study("tune", tmp_path_factory)
 
 
-def test_smoke_study_completes_in_budget(smoke):
-    runs, proc, wall = smoke
-    assert wall < 180, f"smoke study took {wall:.0f} s"
+@pytest.fixture(scope="module", params=["tune", "train"])
+def either(request, tmp_path_factory):
+    """The smoke study on each path: in the trials' own Tune actors, and as a Ray Train job each."""
+    return (request.param, *_study(request.param, tmp_path_factory))
+
+
+def test_smoke_study_runs_every_trial_to_a_final_state(either):
+    path, runs, proc, name = either
     spec = yaml.safe_load(SMOKE.read_text())
-    assert f"search: {spec['budget']['trials']} trials" in proc.stdout
-    assert "started:" in proc.stdout and "epoch 1/3" in proc.stdout  # progress while it runs
+    trials = spec["budget"]["trials"] if path == "tune" else TRAIN_PATH["budget"]["trials"]
+    epochs = spec["budget"]["epochs"] if path == "tune" else TRAIN_PATH["budget"]["epochs"]
+    assert f"search: {trials} trials" in proc.stdout
+    assert "started:" in proc.stdout and f"epoch 1/{epochs}" in proc.stdout  # progress while it runs
     # Every trial is in Optuna with a final state; none is left running.
-    study = _optuna(runs, "smoke")
-    assert len(study.trials) == spec["budget"]["trials"]
+    study = _optuna(runs, name)
+    assert len(study.trials) == trials
     assert all(
         t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials
     )
     assert any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    _, _, children = _children(runs, name)
+    assert {r.data.tags["trial_path"] for r in children} == {path}
+    for run in children:  # the driver measured every trial's start-up
+        assert run.data.metrics["startup_s"] > 0
 
 
-def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(smoke):
-    runs, _, _ = smoke
-    client, parent, children = _children(runs, "smoke")
-    study = _optuna(runs, "smoke")
+def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(either):
+    path, runs, _, name = either
+    client, parent, children = _children(runs, name)
+    study = _optuna(runs, name)
     assert client.get_run(parent).data.tags["kind"] == "study"
     assert client.get_run(parent).info.status == "FINISHED"
-    assert len(children) == len(study.trials) >= 3
+    assert len(children) == len(study.trials) >= 2
     by_trial = {r.data.tags["tune_trial_id"]: r for r in children}
     assert len(by_trial) == len(children)  # one child per Tune trial
     sampled_sets = []
     for t in study.trials:
         run = by_trial[t.user_attrs["tune_trial_id"]]
         assert run.data.tags["mlflow.parentRunId"] == parent
-        # The child's parameters for the searched keys are exactly what Optuna sampled ...
+        # The child's parameters are the full flat config, and for the searched keys exactly
+        # what Optuna sampled ...
+        assert set(run.data.params) == set(to_flat(preset("tiny")))
         assert {k: run.data.params[k] for k in t.params} == {k: str(v) for k, v in t.params.items()}
         sampled_sets.append(tuple(sorted(t.params.items(), key=lambda kv: kv[0])))
-        # ... and they reached the model: the Train checkpoint's config is the one the model was built with.
-        ckpts = sorted(
-            glob.glob(
-                str(
-                    runs
-                    / "studies"
-                    / "smoke"
-                    / "train"
-                    / f"search-{run.data.tags['tune_trial_id']}"
-                    / "checkpoint_*"
-                    / "checkpoint.pt"
-                )
-            )
-        )
-        assert ckpts, "no Train checkpoint for the trial"
-        built = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["config"]
+        # ... and they reached the model: the checkpoint's config is the one the model was built with.
+        built = _checkpoint(run)["config"]
         assert {k: str(built[k]) for k in t.params} == {k: str(v) for k, v in t.params.items()}
         # State agrees between Optuna and MLflow.
         expected = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("early_stopped", "KILLED")}[t.state.name]
@@ -106,6 +137,8 @@ def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(smoke):
         if t.state.name == "COMPLETE":
             assert run.data.metrics["probe_val_accuracy"] == pytest.approx(t.value)
             assert "probe_test_accuracy" in run.data.metrics and run.data.tags["probe_protocol"]
+        if path == "train":  # the trial's Train job had two workers
+            assert run.data.metrics["workers"] == 2
     assert len(set(sampled_sets)) == len(sampled_sets)  # the trials differ from each other
     # The paper point ran first and is labelled.
     first = min(study.trials, key=lambda t: t.number)
@@ -114,19 +147,12 @@ def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(smoke):
 
 def test_sampled_loss_settings_reach_the_built_model(smoke):
     """The model rebuilt from a trial's final checkpoint carries the sampled loss settings."""
-    from amdim import checkpoint as ckpt_io
     from amdim.trainer import model_from_checkpoint
 
-    runs, _, _ = smoke
-    _, _, children = _children(runs, "smoke")
+    runs, _, name = smoke
+    _, _, children = _children(runs, name)
     for run in children:
-        tid = run.data.tags["tune_trial_id"]
-        ckpt = sorted(
-            glob.glob(
-                str(runs / "studies" / "smoke" / "train" / f"search-{tid}" / "checkpoint_*" / "checkpoint.pt")
-            )
-        )[-1]
-        model, _ = model_from_checkpoint(ckpt_io.load(ckpt), "cpu")
+        model, _ = model_from_checkpoint(_checkpoint(run), "cpu")
         assert repr(model.loss_cfg.reg_weight) == run.data.params["loss.reg_weight"]
         assert str(model.loss_cfg.tclip) == run.data.params["loss.tclip"]
 
@@ -203,14 +229,27 @@ RESUME_SPEC = {
 }
 
 
-def _registered_checkpoints(sdir: Path, trial_id: str) -> int:
-    """Checkpoints Ray Train has committed for a trial's run (a checkpoint folder can exist before
-    it is registered; a driver killed in between resumes from the previous one, by Ray's design)."""
-    snapshot = sdir / "train" / f"search-{trial_id}" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
-    except (OSError, ValueError):
-        return 0
+def _checkpoint_saved(sdir: Path, path: str, trial_id: str) -> bool:
+    """Whether a resumed study would find a checkpoint of the trial: on the Train path, one its
+    Train run has committed; on the Tune path, one the Tune experiment state (saved by the driver
+    every few seconds) records. A checkpoint folder can exist before either; a driver killed in
+    between resumes from the previous one, by Ray's design."""
+    if path == "train":
+        snapshot = sdir / "train" / f"search-{trial_id}" / "checkpoint_manager_snapshot.json"
+        return registered_checkpoints(snapshot) > 0
+    for state in sorted((sdir / "tune" / "search").glob("experiment_state-*.json")):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for info, runtime in trials:
+            info = json.loads(info) if isinstance(info, str) else info
+            runtime = json.loads(runtime) if isinstance(runtime, str) else runtime
+            if info.get("trial_id") == trial_id and (runtime.get("last_result") or {}).get(
+                "checkpoint_dir_name"
+            ):
+                return True
+    return False
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
@@ -224,10 +263,16 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the study")
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
+@pytest.mark.parametrize("path", ["tune", pytest.param("train", marks=pytest.mark.slow)])
+def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, path):
     runs = tmp_path / "runs"
     spec_path = tmp_path / "resume.yaml"
-    spec_path.write_text(yaml.safe_dump(RESUME_SPEC))
+    spec = json.loads(json.dumps(RESUME_SPEC))
+    spec["budget"]["launcher"] = path
+    if path == "tune":  # its epochs are quicker: longer trials leave the test time to catch one running
+        spec["budget"]["epochs"] = 6
+        spec["base"]["set"]["train.max_steps_per_epoch"] = 16
+    spec_path.write_text(yaml.safe_dump(spec))
     sdir = runs / "studies" / "resume"
     proc = start_amdim(runs, "study", "run", str(spec_path))  # own process group: the kill takes its Ray too
     try:
@@ -246,7 +291,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
                 if t.state == optuna.trial.TrialState.RUNNING and "tune_trial_id" in t.user_attrs
             ]
             return bool(done) and any(
-                _registered_checkpoints(sdir, t.user_attrs["tune_trial_id"]) for t in running
+                _checkpoint_saved(sdir, path, t.user_attrs["tune_trial_id"]) for t in running
             )
 
         _wait_for(one_done_and_second_checkpointed, 300, proc)
@@ -271,15 +316,15 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     assert "resuming the search stage" in again.stdout
 
     after = _optuna(runs, "resume").trials
-    assert len(after) == RESUME_SPEC["budget"]["trials"]  # the study continued its history
+    assert len(after) == spec["budget"]["trials"]  # the study continued its history
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
     client, _, children = _children(runs, "resume")
     ids = [r.data.tags["tune_trial_id"] for r in children]
-    assert len(ids) == len(set(ids)) == RESUME_SPEC["budget"]["trials"]  # no duplicate child runs
+    assert len(ids) == len(set(ids)) == spec["budget"]["trials"]  # no duplicate child runs
     for run in done_runs.values():  # finished trials were not trained again
         now = client.get_run(run.info.run_id)
         assert now.info.end_time == run.info.end_time
-        assert len(client.get_metric_history(run.info.run_id, "epoch")) == RESUME_SPEC["budget"]["epochs"]
+        assert len(client.get_metric_history(run.info.run_id, "epoch")) == spec["budget"]["epochs"]
     for tid in interrupted:  # the interrupted trial restarted from its checkpoint, not from scratch
         run = next(r for r in children if r.data.tags["tune_trial_id"] == tid)
         restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarted_at_epoch")]
@@ -316,3 +361,29 @@ def test_report_from_the_recorded_study(smoke, tmp_path):
     )
     assert compare.returncode == 0, compare.stderr[-2000:]
     assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_a_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
+    """The Tune path: SIGKILL the trial's actor mid-way through epoch 2; Tune restarts the trial
+    (budget.max_failures) in a new actor, which continues from the epoch-1 checkpoint."""
+    from amdim.harness.trial import FAULT_ENV
+
+    runs, marker = tmp_path / "runs", tmp_path / "killed"
+    spec = json.loads(json.dumps(RESUME_SPEC))
+    spec["name"] = "crash"
+    spec["budget"].update({"trials": 1, "epochs": 3})
+    spec_path = tmp_path / "crash.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    proc = run_amdim(runs, "study", "run", str(spec_path), extra_env={FAULT_ENV: f"1:0:{marker}"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert marker.exists(), "the fault was not injected"
+    (trial,) = _optuna(runs, "crash").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    client, _, children = _children(runs, "crash")
+    (run,) = children  # the restarted trial kept its one child run
+    assert run.data.tags["state"] == "complete" and run.info.status == "FINISHED"
+    restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarted_at_epoch")]
+    assert restarts == [1]  # the new actor continued from the epoch-1 checkpoint
+    resumed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")}
+    assert resumed == {1: 0, 2: 1, 3: 1}
+    assert _checkpoint(run)["epoch"] == 3 and "probe_val_accuracy" in run.data.metrics

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from amdim import cli
-from amdim.study_spec import canonical, load_spec, parse_spec, smoke_variant
+from amdim.harness.study_spec import canonical, load_spec, parse_spec, smoke_variant
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SHIPPED = ["smoke", "augmentation", "nce", "multiscale", "mixture", "full"]
@@ -223,7 +223,7 @@ def test_unknown_study_name_for_status_resume_confirm(isolated, capsys):
 def test_asha_never_cuts_a_trial_at_its_last_epoch(epochs, grace, rf):
     """Stock ASHA puts a rung on the last epoch when it is grace * rf**k (4 = 1 * 2**2), stopping
     trials after training but before their offline probe; the study's ASHA drops such rungs."""
-    from amdim.study_search import EpochASHA
+    from amdim.harness.study_search import EpochASHA
 
     sched = EpochASHA(
         last_epoch=epochs, grace_period=grace, reduction_factor=rf, metric="test_acc_lin", mode="max"

@@ -9,7 +9,7 @@ One study lives in one folder, ``$AMDIM_STORAGE/<name>`` (default ``runs/studies
     train/         one Ray Train run per trial, with its per-epoch checkpoints
 
 Each trial is the Train-driver-inside-a-Tune-function pattern of Ray 2.60 (Train V2): the trial
-function builds a ``TorchTrainer`` running :func:`amdim.ray_train.worker_loop`, whose rank 0
+function builds a ``TorchTrainer`` running :func:`amdim.harness.ray_train.worker_loop`, whose rank 0
 reports every epoch's metrics (the online probe drives ASHA) and, at the end, the offline
 linear probe (which ranks the trial for Optuna). The Train run's name is the Tune trial id, so a
 restarted trial resumes from its own last checkpoint.
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amdim import tracking
 from amdim.config import from_flat, to_flat
 from amdim.errors import UserError
-from amdim.study_spec import SpecError, StudySpec, config_id, parse_spec
+from amdim.harness import tracking
+from amdim.harness.study_spec import SpecError, StudySpec, config_id, parse_spec
 
 DRIVER_CPU = 0.25  # the trial function only waits on its Train run; workers hold the real resources
 STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_stopped", "failed", "running"
@@ -87,14 +87,30 @@ def load_study_spec(name: str) -> StudySpec:
 
 
 def trial_resources(spec: StudySpec) -> dict[str, float]:
-    """Everything one trial holds at once: its driver actor plus its Train workers."""
+    """Everything one trial holds at once: on the Train path its driver actor plus its Train
+    workers; on the Tune path its one actor, which trains (see :func:`actor_resources`)."""
     b = spec.budget
+    if b.path == "tune":
+        return actor_resources(spec)
     need = {"CPU": DRIVER_CPU + b.workers * b.cpus_per_worker, "GPU": b.workers * b.gpus_per_worker}
     for name, amount in b.worker_resources:
         need[name] = need.get(name, 0.0) + b.workers * amount
     for name, amount in b.driver_resources:
         need[name] = need.get(name, 0.0) + amount
     return need
+
+
+def actor_resources(spec: StudySpec) -> dict[str, float]:
+    """What the trial's Tune actor reserves: the whole trial on the Tune path, only the waiting
+    driver (``DRIVER_CPU`` and ``driver_resources``) on the Train path."""
+    b = spec.budget
+    if b.path == "train":
+        return {"CPU": DRIVER_CPU, **dict(b.driver_resources)}
+    return {
+        "CPU": b.cpus_per_worker,
+        **({"GPU": b.gpus_per_worker} if b.gpus_per_worker else {}),
+        **dict(b.worker_resources),
+    }
 
 
 def concurrency(spec: StudySpec, cpus: float, gpus: float, custom: dict[str, float] | None = None) -> int:
@@ -112,7 +128,7 @@ def concurrency(spec: StudySpec, cpus: float, gpus: float, custom: dict[str, flo
             field = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name, "worker_resources")
             detail = (
                 f" ({spec.budget.workers} workers x {spec.budget.cpus_per_worker:g} + {DRIVER_CPU:g} for its driver)"
-                if name == "CPU"
+                if name == "CPU" and spec.budget.path == "train"
                 else ""
             )
             raise SpecError(
@@ -166,15 +182,18 @@ def mark_child(uri: str, run_id: str, state: str, status: str, extra: dict[str, 
 
 
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: build the trial's config, find or create its MLflow child, run Train."""
+    """One Tune trial: build the trial's config, find or create its MLflow child, train it.
+
+    On the Tune path (``ctx["launcher"] == "tune"``, single-worker trials) the trainer runs right
+    here, in the trial's actor, which holds the trial's CPUs and GPU share; on the Train path the
+    trial starts a Ray Train job and waits for it. Either way every epoch is reported to Tune with
+    a checkpoint, and a finished trial ends with the offline probe's result.
+    """
     import mlflow
     import ray
-    import ray.train
     import ray.tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from amdim.ray_train import set_ray_env, worker_loop
+    from amdim.harness.ray_train import set_ray_env
 
     set_ray_env()
     t0 = time.time()
@@ -202,7 +221,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             return
         client.update_run(run_id, status="RUNNING")
     else:
-        tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": "ray-tune"})
+        tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": f"ray-tune ({ctx['launcher']} path)"})
         label = _label(ctx, sampled)
         tags.update(
             {
@@ -214,6 +233,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 "seed": str(cfg.train.seed),
                 "setting": label,
                 "state": STATE_RUNNING,
+                "trial_path": ctx["launcher"],
                 **({"confirm_of": str(source)} if source is not None else {}),
             }
         )
@@ -224,22 +244,56 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     client.set_tag(run_id, "driver_node", ray.get_runtime_context().get_node_id())
 
     b = ctx["budget"]
+    if b["gpus_per_worker"]:
+        flat = {**flat, "train.device": "cuda"}
+    loop_config = {"flat": flat, "tracking_uri": uri, "run_id": run_id, "probe": True, "quiet": True}
+    if ctx["launcher"] == "tune":
+        _train_in_actor(loop_config)
+    else:
+        _train_as_job(loop_config, ctx, trial_id)
+    client.log_metric(run_id, "trial_wall_s", time.time() - t0)
+    mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
+
+
+def _train_in_actor(loop_config: dict[str, Any]) -> None:
+    """The Tune path: the trainer in this actor, reporting through ``ray.tune``. Ray gave the
+    actor the trial's CPUs (torch threads follow them, rounded) and its GPU share (the one visible
+    device); a restarted trial continues from ``ray.tune.get_checkpoint()``."""
+    import ray
+    import ray.tune
+    import torch
+
+    from amdim.harness.trial import train_and_report, worker_threads
+
+    threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if from_flat(loop_config["flat"]).train.device == "cuda" else "cpu")
+    train_and_report(
+        loop_config,
+        session=ray.tune,
+        device=device,
+        tags={"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)},
+    )
+
+
+def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: str) -> None:
+    """The Train path: a Ray Train job whose rank-0 worker reports to this trial through
+    ``TuneReportCallback``; its deterministic name makes a restarted trial resume its own run."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from amdim.harness.ray_train import worker_loop
+
+    b = ctx["budget"]
     resources = {
         **dict(map(tuple, b["worker_resources"])),
         "CPU": b["cpus_per_worker"],
         **({"GPU": b["gpus_per_worker"]} if b["gpus_per_worker"] else {}),
     }
-    if b["gpus_per_worker"]:
-        flat = {**flat, "train.device": "cuda"}
-    trainer = TorchTrainer(
+    TorchTrainer(
         worker_loop,
-        train_loop_config={
-            "flat": flat,
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "probe_in_worker": True,
-            "quiet": True,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=b["workers"], use_gpu=bool(b["gpus_per_worker"]), resources_per_worker=resources
         ),
@@ -253,10 +307,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             ),
             callbacks=[TuneReportCallback()],
         ),
-    )
-    trainer.fit()
-    client.log_metric(run_id, "trial_wall_s", time.time() - t0)
-    mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
+    ).fit()
 
 
 def _device_tag(ctx: dict[str, Any]) -> str:
@@ -332,15 +383,28 @@ def _cluster_guard(ray, n_nodes: int) -> None:
         )
 
 
+# Imported by every Python worker of a local Ray as it starts: the workers Ray starts with the
+# cluster are then ready when the first trials' actors land on them (a cold trial actor otherwise
+# spends seconds importing torch and MLflow after Tune has started it). Reused actors (the Tune
+# path) keep them for every later trial. On a cluster started with `ray start`, set the same
+# RAY_preload_python_modules in the environment of `ray start` on every node.
+PRELOAD_MODULES = "torch,mlflow,amdim.trainer,amdim.harness.tracking,amdim.harness.trial"
+
+
 class _RayScope:
     """``ray.init`` unless connected already; shut down only what we started."""
+
+    def __init__(self, preload: bool = False):
+        self.preload = preload
 
     def __enter__(self):
         import ray
 
-        from amdim.ray_train import init_ray, set_ray_env
+        from amdim.harness.ray_train import init_ray, set_ray_env
 
         set_ray_env()
+        if self.preload and not os.environ.get("RAY_ADDRESS"):
+            os.environ.setdefault("RAY_preload_python_modules", PRELOAD_MODULES)
         self.started = init_ray(log_to_driver=False, logging_level="ERROR")
         return ray
 
@@ -407,6 +471,7 @@ def _ctx(spec: StudySpec, uri: str, parent: str, stage: str) -> dict[str, Any]:
         "points": [dict(p) for p in spec.points],
         "labels": list(spec.point_labels),
         "budget": asdict(spec.budget),
+        "launcher": spec.budget.path,
         "train_dir": str(sdir / "train"),
     }
 
@@ -436,10 +501,9 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
     import ray.tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from amdim.study_search import EpochASHA, StudyProgress
+    from amdim.harness.study_search import EpochASHA, StudyProgress
 
-    driver = {"CPU": DRIVER_CPU, **dict(spec.budget.driver_resources)}
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), driver)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), actor_resources(spec))
     if ray.tune.Tuner.can_restore(str(exp_path)):
         log(f"resuming the {ctx['stage']} stage from {exp_path}")
         return ray.tune.Tuner.restore(
@@ -451,6 +515,8 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
         storage_path=str(exp_path.parent),
         verbose=0,
         failure_config=ray.tune.FailureConfig(max_failures=spec.budget.max_failures),
+        # Tune-path trials checkpoint through Tune (Train-path ones through their Train run).
+        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
         callbacks=[progress],
     )
     if ctx["stage"] == "confirm":
@@ -484,6 +550,7 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
             scheduler=scheduler,
             num_samples=spec.budget.trials,
             max_concurrent_trials=n_concurrent,
+            reuse_actors=spec.budget.path == "tune",
         ),
         run_config=run_config,
     )
@@ -493,7 +560,7 @@ def _searcher(spec: StudySpec):
     import optuna
     import optuna.distributions as dist
 
-    from amdim.study_search import AmdimOptunaSearch
+    from amdim.harness.study_search import AmdimOptunaSearch
 
     space = {}
     for p in spec.search:
@@ -537,7 +604,7 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
         concurrency(spec, *local_resources())  # fail before Ray starts
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
-    with _RayScope() as ray:
+    with _RayScope(preload=spec.budget.path == "tune") as ray:
         cpus, gpus, custom, nodes = _cluster_resources(ray)
         n = concurrency(spec, cpus, gpus, custom)
         _cluster_guard(ray, nodes)

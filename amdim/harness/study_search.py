@@ -89,11 +89,13 @@ class EpochASHA(ASHAScheduler):
 
 
 class StudyProgress(Callback):
-    """One line per trial event on the driver, and MLflow states for trials that did not finish.
+    """One line per trial event on the driver, and the driver's part of each trial's MLflow record.
 
     A trial that finishes marks its own MLflow run complete. One that ASHA stops is killed
     before it can, so its run is marked here (``state=early_stopped``, status KILLED); a trial
-    that fails is marked ``failed``.
+    that fails is marked ``failed``. Here too: the tag ``checkpoint_path`` (the trial's latest
+    checkpoint as Ray stored it) and the metric ``startup_s``, the seconds from Tune starting the
+    trial's actor to the end of its first training step (from the first report after each start).
     """
 
     def __init__(self, ctx: dict[str, Any], epochs: int, online: str, rank: str):
@@ -102,6 +104,8 @@ class StudyProgress(Callback):
         self.online = online
         self.rank = rank
         self.t0 = time.time()
+        self._started: dict[str, float] = {}
+        self._runs: dict[str, str] = {}
 
     def _say(self, text: str) -> None:
         print(f"[{self.ctx['study']}/{self.ctx['stage']} {time.time() - self.t0:6.0f}s] {text}", flush=True)
@@ -114,16 +118,63 @@ class StudyProgress(Callback):
         config = trial.config.get("point", trial.config)
         return " ".join(f"{k}={v}" for k, v in config.items())
 
+    def _run_id(self, trial) -> str | None:
+        """The trial's MLflow child (created by the trial itself, so looked up once it exists)."""
+        if trial.trial_id not in self._runs:
+            from amdim.harness.study import find_child
+
+            run_id = find_child(
+                self.ctx["tracking_uri"], self.ctx["experiment"], self.ctx["parent_run_id"], trial.trial_id
+            )
+            if run_id is None:
+                return None
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    def _record(self, trial, what: str, write) -> None:
+        """Write to the trial's MLflow run; the record is secondary to the search, so a failure
+        is said, never raised into Tune."""
+        try:
+            if (run_id := self._run_id(trial)) is not None:
+                write(run_id)
+        except Exception as exc:
+            self._say(f"could not record {what} of trial {trial.trial_id} in MLflow: {exc}")
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._started[trial.trial_id] = time.time()
         self._say(f"trial {self._name(trial)} started: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.ctx["tracking_uri"])
+        if result.get("first_step_at") is not None and trial.trial_id in self._started:
+            startup = float(result["first_step_at"]) - self._started.pop(trial.trial_id)
+            self._record(
+                trial,
+                "startup_s",
+                lambda r: client.log_metric(r, "startup_s", startup, step=int(result["epoch"])),
+            )
+        if result.get("checkpoint_path"):  # Train path: TuneReportCallback passes the Train checkpoint on
+            self._record(
+                trial,
+                "checkpoint_path",
+                lambda r: client.set_tag(r, "checkpoint_path", result["checkpoint_path"]),
+            )
         if self.rank in result:
             return  # the final report; on_trial_complete prints it
         value = result.get(self.online)
         shown = f"{value:.4f}" if isinstance(value, float) else value
         self._say(
             f"trial {self._name(trial)} epoch {result.get('epoch')}/{self.epochs} {self.online} {shown}"
+        )
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.ctx["tracking_uri"])
+        self._record(
+            trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", checkpoint.path)
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -143,26 +194,19 @@ class StudyProgress(Callback):
         self._mark(trial, "failed", "FAILED", trial.last_result or {})
 
     def _mark(self, trial, state: str, status: str, last: dict) -> None:
-        from amdim.study import find_child, mark_child
+        from amdim.harness.study import mark_child
 
-        try:
-            run_id = find_child(
-                self.ctx["tracking_uri"], self.ctx["experiment"], self.ctx["parent_run_id"], trial.trial_id
-            )
-            if run_id is not None:
-                mark_child(
-                    self.ctx["tracking_uri"],
-                    run_id,
-                    state,
-                    status,
-                    {"stopped_at_epoch": str(last.get("epoch", 0))},
-                )
-        except Exception as exc:  # the record is secondary to the search: never kill the study for it
-            self._say(f"could not mark trial {trial.trial_id} {state} in MLflow: {exc}")
+        self._record(
+            trial,
+            f"state {state}",
+            lambda r: mark_child(
+                self.ctx["tracking_uri"], r, state, status, {"stopped_at_epoch": str(last.get("epoch", 0))}
+            ),
+        )
 
 
 def _error_line(trial) -> str:
-    from amdim.ray_train import last_error_line
+    from amdim.harness.ray_train import last_error_line
 
     path = getattr(trial, "error_file", None) or ""
     try:

@@ -1,6 +1,6 @@
 """Wall-clock of ``amdim train`` through Ray Train versus ``--local``, in one run.
 
-    python -m amdim.bench_ray --preset tiny --epochs 3 --workers 1,2 [--set key=value ...]
+    python -m amdim.harness.bench_ray --preset tiny --epochs 3 --workers 1,2 [--set key=value ...]
 
 Trains the same configuration in this process, then through a TorchTrainer with each worker
 count, each recorded in MLflow, without the offline probe. For every run the overhead is its
@@ -23,11 +23,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from amdim.cli import train_local
     from amdim.config import parse_set_args, preset, to_flat, with_overrides
-    from amdim.ray_train import set_ray_env, train_ray
+    from amdim.harness.local import train_local
+    from amdim.harness.ray_train import set_ray_env, train_ray
 
-    p = argparse.ArgumentParser(prog="python -m amdim.bench_ray", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m amdim.harness.bench_ray", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--epochs", type=int, default=3)

@@ -58,6 +58,7 @@ ONLINE_METRICS = {  # per-epoch metrics the trainer reports, and which way is be
 }
 RANK_METRICS = ("probe_val_accuracy", "probe_test_accuracy")
 SAMPLERS = ("tpe", "random", "grid")
+LAUNCHERS = ("auto", "tune", "train")
 SCHEDULERS = ("asha", "none")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -103,6 +104,16 @@ class Budget:
     # Custom Ray resources, e.g. {"gpu_node": 1} per Train worker, {"head": 0.01} per trial driver.
     worker_resources: tuple[tuple[str, float], ...] = ()
     driver_resources: tuple[tuple[str, float], ...] = ()
+    # How a trial trains: "tune" in its own Tune actor (no Train job; single-worker trials only),
+    # "train" as a Ray Train job; "auto" = tune for one worker, train for several.
+    launcher: str = "auto"
+
+    @property
+    def path(self) -> str:
+        """``tune`` or ``train``: the launcher that ``auto`` resolves to."""
+        if self.launcher != "auto":
+            return self.launcher
+        return "tune" if self.workers == 1 else "train"
 
 
 @dataclass(frozen=True)
@@ -404,7 +415,16 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
         max_failures=_int(budget_raw, "max_failures", "budget", 2, 0),
         worker_resources=_resources(budget_raw, "worker_resources"),
         driver_resources=_resources(budget_raw, "driver_resources"),
+        launcher=_str(budget_raw, "launcher", "budget", "auto", LAUNCHERS),
     )
+    if budget.path == "tune" and budget.workers > 1:
+        _fail("budget.launcher", f"tune trains in the trial's own actor: one worker, got {budget.workers}")
+    if budget.path == "tune" and budget.driver_resources:
+        _fail(
+            "budget.driver_resources",
+            "a single-worker trial trains in its Tune actor, which has no separate driver to place; "
+            "use worker_resources, or set budget.launcher: train to keep a Train job per trial",
+        )
     if 0 < budget.gpus_per_worker < 1 and budget.workers > 1:
         _fail(
             "budget.gpus_per_worker",
@@ -512,7 +532,7 @@ def _parse_points(
 
 def _check_data(spec: str) -> None:
     """Reject an unknown dataset kind or a missing path now, not inside every trial."""
-    from amdim.data import KINDS
+    from amdim.config import DATA_KINDS as KINDS
 
     kind, _, rest = spec.strip().partition(":")
     if kind not in KINDS:

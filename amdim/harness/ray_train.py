@@ -19,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +37,10 @@ RAY_ENV_DEFAULTS = {
     # Study trials report the ranking metric (the offline probe) only in their last result.
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0 the legacy reporter prints nothing; studies print their own lines
+    # A reused trial actor waits this long for the previous trial's thread to end (default 2 s;
+    # a thread still alive then fails the next trial). ASHA's stop ends it at once, inside its report.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
 }
-FAULT_ENV = "AMDIM_FAULT_INJECT"  # "EPOCH:RANK:MARKER": SIGKILL that rank once, mid-way through epoch EPOCH+1
 
 
 def set_ray_env() -> None:
@@ -130,20 +130,6 @@ def _check_cluster(workers: int, gpus_per_worker: float, cpus_per_worker: float)
             raise UserError(f"the Ray cluster has {res.get(key, 0):g} {key}s; this run needs {amount:g}")
 
 
-def _maybe_inject_fault(completed_epochs: int, step_in_epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process for real, once, at the third step of the epoch after
-    ``EPOCH`` (by then the controller has registered epoch EPOCH's checkpoint)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at_epoch, at_rank, marker = spec.split(":", 2)
-    if (completed_epochs, step_in_epoch, rank) == (int(at_epoch), 2, int(at_rank)) and not os.path.exists(
-        marker
-    ):
-        Path(marker).write_text(f"killed rank {rank} in epoch {completed_epochs + 1} at {time.time()}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def last_error_line(text: str) -> str | None:
     """The last 'SomeError: message' line of a Ray error's text (its own first line is generic)."""
     causes = [
@@ -152,112 +138,39 @@ def last_error_line(text: str) -> str | None:
     return causes[-1][:200] if causes else None
 
 
-def worker_threads(assigned_cpus: float | None) -> int:
-    """torch threads for a worker holding ``assigned_cpus`` CPUs.
-
-    Ray sets ``OMP_NUM_THREADS`` to the floor of a worker's CPUs, so a 1.75-CPU worker (next to
-    its trial's 0.25-CPU driver, which only waits) would run one thread on two cores. Round
-    instead: 1.75 -> 2, 0.75 -> 1, at least 1.
-    """
-    if not assigned_cpus:
-        return max(1, torch.get_num_threads())
-    return max(1, int(assigned_cpus + 0.5))
-
-
 def worker_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: the project's trainer as rank ``world_rank`` of the group."""
+    """One Ray Train worker: the project's trainer as rank ``world_rank`` of the group (see
+    :func:`amdim.harness.trial.train_and_report`), DDP-wrapped when there are several."""
     import ray.train
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from amdim import trainer
-    from amdim.tracking import RunRecord
+    from amdim.harness.trial import registered_checkpoints, train_and_report, worker_threads
 
-    cfg = from_flat(loop_config["flat"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.train.device != "cpu" else torch.device("cpu")
+    on_gpu = from_flat(loop_config["flat"]).train.device != "cpu"
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
     torch.set_num_threads(threads)
-
-    payload = None
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as d:
-            payload = ckpt_io.load(Path(d) / "checkpoint.pt")
-    start_epoch = int(payload["epoch"]) if payload else 0
-    record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if record is not None:
-        record.set_tags(
-            {"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)}
-        )
-        if payload is not None:  # a restarted worker group: say where it picked up, even if no epoch is left
-            record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
+    snapshot = ctx.get_storage().checkpoint_manager_snapshot_path
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids) if world > 1 else model
 
-    def report(metrics: dict[str, float], make_payload) -> None:
-        metrics = {**metrics, "resumed_from_epoch": start_epoch, "workers": world}
-        if record is not None:
-            record.log_metrics(metrics, step=int(metrics["epoch"]))
-        with tempfile.TemporaryDirectory() as d:
-            ck = None
-            if rank == 0:
-                ckpt_io.save(Path(d) / "checkpoint.pt", make_payload())
-                ck = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ck)  # every rank: it is a barrier
-
-    state = trainer.fit(
-        cfg,
-        resume=payload,
-        dist=trainer.DistContext(rank, world),
-        wrap_model=wrap,
-        on_epoch_end=report,
-        log=print if rank == 0 and not loop_config.get("quiet") else None,
+    train_and_report(
+        loop_config,
+        session=ray.train,
+        rank=rank,
+        world=world,
         device=device,
-        on_step=(lambda st, i: _maybe_inject_fault(st.epoch, i, rank)) if os.environ.get(FAULT_ENV) else None,
+        wrap_model=wrap,
+        tags={"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)},
+        registered=lambda: registered_checkpoints(snapshot),
     )
-    if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
-        n_classes = state.core.probes.linear.out_features
-        report({"epoch": 0}, lambda: trainer.checkpoint_payload(cfg, state, n_classes))
-    if loop_config.get("probe_in_worker"):
-        _probe_and_report(cfg, state, record, rank, device)
-
-
-def _probe_and_report(cfg: Config, state, record, rank: int, device: torch.device) -> None:
-    """Study trials: the offline probe runs on rank 0's device right after training, and its result
-    goes out as one last report (epoch unchanged) so that Tune and Optuna see it."""
-    import ray.train
-
-    from amdim import data as data_mod
-    from amdim.linear_eval import evaluate_encoder
-
-    final = {
-        k: v for k, v in (state.history[-1] if state.history else {}).items() if isinstance(v, (int, float))
-    }
-    final["epoch"] = state.epoch
-    if rank == 0:
-        bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-        t0 = time.perf_counter()
-        probe = evaluate_encoder(state.core.encoder, bundle, cfg, device)
-        probe["epoch"] = state.epoch
-        probe["time_s"] = time.perf_counter() - t0
-        record.log_probe(probe)
-        record.log_metrics({"probe_time_s": probe["time_s"]}, step=state.epoch)
-        if state.core.mixture is not None:
-            from amdim.cli import write_segmentation
-
-            with tempfile.TemporaryDirectory() as d:
-                png = write_segmentation(
-                    state.core, cfg, bundle, Path(d) / "segmentation.png", n=16, device=device
-                )
-                record.log_artifact(png)
-        final.update({f"probe_{k}": probe[k] for k in ("test_accuracy", "val_accuracy", "train_accuracy")})
-        final["probe_time_s"] = probe["time_s"]
-    ray.train.report(final)  # every rank: it is a barrier; Tune reads rank 0's
 
 
 def train_ray(
@@ -276,7 +189,7 @@ def train_ray(
     Leaves ``out/checkpoint.pt`` (final) and ``out/metrics.json`` like the local path, plus the Ray
     Train run under ``out/ray/``.
     """
-    from amdim import tracking
+    from amdim.harness import tracking
 
     check_resources(workers, gpus_per_worker, cpus_per_worker)
     uri = tracking.tracking_uri()
@@ -362,7 +275,7 @@ def _finish(cfg: Config, out: Path, record, probe: bool) -> dict[str, Any]:
     """Driver side after training: offline probe, segmentation PNG, artifacts."""
     from amdim import data as data_mod
     from amdim import trainer
-    from amdim.linear_eval import evaluate_encoder
+    from amdim.evaluate import final_evaluation
 
     payload = ckpt_io.load(out / "checkpoint.pt")
     summary: dict[str, Any] = {
@@ -375,16 +288,13 @@ def _finish(cfg: Config, out: Path, record, probe: bool) -> dict[str, Any]:
         return summary
     model, cfg = trainer.model_from_checkpoint(payload, "cpu")
     bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-    if probe:
-        result = evaluate_encoder(model.encoder, bundle, cfg, torch.device("cpu"))
-        result["epoch"] = summary["epochs"]
-        record.log_probe(result)
-        summary["probe"] = result
-    if model.mixture is not None:
-        from amdim.cli import write_segmentation
-
-        png = write_segmentation(
-            model, cfg, bundle, out / "segmentation.png", n=16, device=torch.device("cpu")
-        )
-        record.log_artifact(png)
+    final = final_evaluation(
+        model, cfg, bundle, torch.device("cpu"), epoch=summary["epochs"], probe=probe,
+        segmentation=out / "segmentation.png",
+    )  # fmt: skip
+    if "probe" in final:
+        record.log_probe(final["probe"])
+        summary["probe"] = final["probe"]
+    if "segmentation" in final:
+        record.log_artifact(final["segmentation"])
     return summary
