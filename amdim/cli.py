@@ -1,7 +1,8 @@
 """The ``amdim`` command line.
 
 Every user mistake (bad ``--set``, missing data, corrupt checkpoint, a GPU asked for where none
-exists) ends as one line on stderr and exit code 2, never a traceback.
+exists) ends as one line on stderr and exit code 2, never a traceback. A run whose loss stops
+being finite ends the same way, with exit code 3.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amdim.errors import UserError
+from amdim.errors import DivergedError, UserError
 from amdim.harness.local import json_default
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, data_default: str | None = None) -> None:
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except DivergedError as exc:
+        print(f"amdim: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     except UserError as exc:
         print(f"amdim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

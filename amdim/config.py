@@ -154,6 +154,17 @@ class TrainConfig:
     # from training as they are.
     eval_bn_warmup: str = "off"
     eval_bn_warmup_batches: int = 50
+    # Per-epoch signals on the online validation split (only with data.online_val_fraction > 0;
+    # amdim.signals): weighted kNN accuracy ``val_acc_knn`` of the split's r1 features against a
+    # bank of labelled training images outside the split (a seeded subset of at most knn_bank
+    # images, embedded with the test transform each epoch; 0 switches kNN off), voting with the
+    # knn_k nearest by cosine similarity weighted exp(s / knn_temperature); and ``rankme``, the
+    # effective rank of the split's r1 features. Defaults k 20, T 0.07: solo-learn's and DINO's
+    # (DINO: "20 is usually working the best"); lightly's k 200 suits 50k-image banks, and with a
+    # few hundred images per class it would reach across classes.
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_bank: int = 10000
 
 
 @dataclass(frozen=True)
@@ -275,7 +286,14 @@ def all_keys() -> list[str]:
 
 # Keys added after runs were first recorded, whose defaults reproduce the behaviour from before
 # they existed: a recorded run without them still rebuilds (``amdim rerun``).
-ADDED_KEYS = ("data.online_val_fraction", "train.eval_bn_warmup", "train.eval_bn_warmup_batches")
+ADDED_KEYS = (
+    "data.online_val_fraction",
+    "train.eval_bn_warmup",
+    "train.eval_bn_warmup_batches",
+    "train.knn_k",
+    "train.knn_temperature",
+    "train.knn_bank",
+)
 
 
 def resolve_key(key: str) -> str:
@@ -488,6 +506,9 @@ def validate(cfg: Config) -> Config:
         f"must be off, eval or train, got '{t.eval_bn_warmup}'",
     )
     _check(t.eval_bn_warmup_batches >= 1, "train.eval_bn_warmup_batches", "must be >= 1")
+    _check(t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}")
+    _check(t.knn_temperature > 0, "train.knn_temperature", f"must be > 0, got {t.knn_temperature}")
+    _check(t.knn_bank >= 0, "train.knn_bank", f"must be >= 0 (0 = no kNN), got {t.knn_bank}")
 
     _check(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
     _check(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

@@ -28,7 +28,7 @@ from amdim import data as data_mod
 from amdim.augment import build_two_views
 from amdim.config import Config, to_flat
 from amdim.distributed import all_gather_with_grad
-from amdim.errors import UserError
+from amdim.errors import DivergedError, UserError
 from amdim.model import AMDIM
 from amdim.probes import correct_and_count
 
@@ -111,6 +111,11 @@ class DistContext:
             tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
         return values
 
+    def all_reduce_max(self, values: Tensor) -> Tensor:
+        if self.world_size > 1:
+            tdist.all_reduce(values, op=tdist.ReduceOp.MAX)
+        return values
+
 
 @dataclass
 class TrainState:
@@ -184,6 +189,20 @@ def _views(
     return x1, x2, labels.to(device, non_blocking=True)
 
 
+# A non-finite loss stops training at once. Reading the check is free on the CPU; on a GPU it is a
+# host sync, and in a data-parallel group an all-reduce (every rank must stop at the same step),
+# so there it is read every FINITE_CHECK_EVERY steps and at the end of the epoch, while the step
+# at which the loss first went bad is kept on the device, so that the error still names it.
+FINITE_CHECK_EVERY = 20
+
+
+def _check_finite(bad: Tensor, dist: DistContext, epoch: int, epoch_start_step: int) -> None:
+    """Raise DivergedError when any rank saw a non-finite loss (``bad``: its global step, or -1)."""
+    worst = int(dist.all_reduce_max(bad.clone()))
+    if worst >= 0:
+        raise DivergedError(epoch, worst - epoch_start_step)
+
+
 def train_one_epoch(
     state: TrainState,
     batches: Iterator[tuple[Tensor, ...]],
@@ -203,6 +222,9 @@ def train_one_epoch(
     gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank) + 1)
     sums: dict[str, Tensor] = {}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
+    bad = torch.full((), -1, dtype=torch.long, device=device)  # first global step with a non-finite loss
+    check_every_step = device.type == "cpu" and dist.world_size == 1
+    epoch_start = state.step
     for i, batch in enumerate(batches):
         if cfg.train.max_steps_per_epoch and i >= cfg.train.max_steps_per_epoch:
             break
@@ -214,6 +236,10 @@ def train_one_epoch(
             )
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = state.model(x1, x2, labels, gather=dist.gather, rank_offset=dist.rank * x1.shape[0])
+        loss = out["loss"].detach()
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), torch.full_like(bad, state.step + 1), bad)
+        if check_every_step or (i + 1) % FINITE_CHECK_EVERY == 0:
+            _check_finite(bad, dist, state.epoch + 1, epoch_start)  # before a non-finite step is applied
         state.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         state.optimizer.step()
@@ -230,6 +256,7 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    _check_finite(bad, dist, state.epoch + 1, epoch_start)
     if n_steps == 0:
         raise UserError(
             f"the training set yields no full batch of data.batch_size={cfg.data.batch_size} "
@@ -300,6 +327,54 @@ def evaluate_online(
     }
 
 
+def knn_bank_indices(train_idx: Tensor, labels: Tensor, size: int, seed: int) -> Tensor:
+    """The kNN bank: labelled training images outside the online validation split, a seeded
+    subset of ``size`` of them when there are more (the same subset every epoch)."""
+    idx = train_idx[labels[train_idx] >= 0]
+    if len(idx) > size:
+        keep = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:size]
+        idx = idx[keep.sort().values]
+    return idx
+
+
+@torch.no_grad()
+def validation_signals(
+    core: AMDIM,
+    bundle: data_mod.DataBundle,
+    labels: Tensor,
+    val_idx: Tensor,
+    train_idx: Tensor,
+    cfg: Config,
+    device: torch.device,
+) -> dict[str, float]:
+    """``val_acc_knn`` and ``rankme`` of the online validation split (see amdim.signals), from the
+    r1 features of un-augmented images (test transform, encoder in eval mode), and the seconds they
+    took (``signals_time_s``, the bank's embedding included). ``labels`` are the training set's
+    real labels (the bundle's hide the split's)."""
+    from amdim.linear_eval import extract_features
+    from amdim.signals import knn_accuracy, rankme
+
+    t0 = time.perf_counter()
+
+    def features(idx: Tensor) -> tuple[Tensor, Tensor]:
+        batches = data_mod.eval_loader(
+            bundle.train_images, labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
+            bundle.mean, bundle.std, indices=idx,
+        )  # fmt: skip
+        return extract_features(core.encoder, batches, device)
+
+    val_x, val_y = features(val_idx)
+    out = {"rankme": rankme(val_x)}
+    if cfg.train.knn_bank > 0:
+        bank_x, bank_y = features(knn_bank_indices(train_idx, labels, cfg.train.knn_bank, cfg.train.seed))
+        t = cfg.train
+        out["val_acc_knn"] = knn_accuracy(
+            val_x, val_y, bank_x, bank_y, bundle.n_classes, k=t.knn_k, temperature=t.knn_temperature
+        )
+    out["signals_time_s"] = time.perf_counter() - t0
+    return out
+
+
 EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
 
@@ -368,6 +443,7 @@ def fit(
         )  # fmt: skip
         batches = data_mod.DevicePrefetcher(batches, device)  # CUDA: copies the next batch during this step
         metrics = train_one_epoch(state, iter(batches), two_views, cfg, device, dist, log, on_step)
+        t_eval = time.perf_counter()
         test_batches = data_mod.eval_loader(
             bundle.test_images, bundle.test_labels, cfg.aug, cfg.model.image_size, cfg.data.batch_size,
             bundle.mean, bundle.std, rank=dist.rank, world_size=dist.world_size,
@@ -391,6 +467,9 @@ def fit(
             if warm == "eval":
                 warm_up_bn(core, val_batches, device, cfg.train.eval_bn_warmup_batches)
             metrics.update(evaluate_online(core, val_batches, device, dist, split="val"))
+            if dist.rank == 0:  # the signals are logged and reported from rank 0 only
+                metrics.update(validation_signals(core, bundle, val_labels, val_idx, train_idx, cfg, device))
+        metrics["eval_time_s"] = time.perf_counter() - t_eval  # BN warm-up and the online evaluations
         state.epoch += 1
         metrics["epoch"] = state.epoch
         state.history.append(metrics)

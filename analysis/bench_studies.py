@@ -1,11 +1,18 @@
 """Study benchmarks for docs/benchmarks.md (each prints one JSON object).
 
 ``python -m analysis.bench_studies smoke``
-    Runs ``studies/smoke.yaml`` in a fresh runs folder and splits its wall-clock into in-trial
-    work (the training epochs and the offline probes, summed over trials from their MLflow
-    records) and harness overhead (Ray and Tune start-up, Train worker groups, scheduling,
-    MLflow and Optuna bookkeeping). With ``slots`` trials running at once, the overhead fraction
-    is ``1 - in_trial / (wall * slots)``: the share of the trial slots' time not spent training.
+    Runs ``studies/smoke.yaml`` in a fresh runs folder twice, on the Tune path (single-worker
+    trials train in their Tune actors) and on the Train path (one Ray Train job per trial), and
+    splits each wall-clock into in-trial work (training steps, per-epoch online evaluation and
+    the offline probes, summed over trials from their MLflow records) and harness overhead (Ray
+    and Tune start-up, trial actors and Train worker groups, scheduling, checkpoints, MLflow and
+    Optuna bookkeeping). With ``slots`` trials running at once, the overhead fraction is
+    ``1 - in_trial / (wall * slots)``: the share of the trial slots' time not spent training.
+    Also each trial's start-up: Tune starting the trial to the end of its first training step.
+
+``python -m analysis.bench_studies minute [--seconds 60]``
+    The same split for ``studies/bench/minute.yaml``, whose trials are sized on this machine
+    (a short timing of the training step first) to train about ``--seconds`` each.
 
 ``python -m analysis.bench_studies search [--data SPEC]``
     Runs ``studies/bench/proxy-grid.yaml`` (every point of a 3 x 3 grid, full epochs) and
@@ -57,33 +64,122 @@ def _sum_metric(client, run_id: str, key: str) -> float:
     return float(sum(metric_by_epoch(client, run_id, key).values()))
 
 
-def smoke(args) -> dict:
-    from amdim.harness import study
-    from amdim.harness.study_spec import load_spec
+def _study_figures(spec) -> dict:
+    """Run ``spec`` and split its wall-clock into in-trial work and harness overhead.
 
-    runs = _runs(args)
-    spec = load_spec(ROOT / "studies" / "smoke.yaml")
+    In-trial work is what the trials' own MLflow records say they spent: training steps
+    (``epoch_time_s``), the per-epoch online evaluation (``eval_time_s``) and the offline probe
+    (``probe_time_s``). With ``slots`` trials at once the overhead fraction is
+    ``1 - in_trial / (wall * slots)``. ``startup_s`` is each trial's start-up as the driver saw it:
+    Tune starting its actor to the end of its first training step; the first ``slots`` trials to
+    start are the ones that got a new actor.
+    """
+    import statistics
+
+    from amdim.harness import study
+
     t0 = time.perf_counter()
     summary = study.run_study(spec, log=lambda s: print(s, file=sys.stderr))
     wall = time.perf_counter() - t0
     client, children = _children(spec.name)
     train = sum(_sum_metric(client, r.info.run_id, "epoch_time_s") for r in children)
+    evals = sum(_sum_metric(client, r.info.run_id, "eval_time_s") for r in children)
     probe = sum(_sum_metric(client, r.info.run_id, "probe_time_s") for r in children)
     epochs = sum(len({m.step for m in client.get_metric_history(r.info.run_id, "epoch")}) for r in children)
     slots = study.concurrency(spec, *study.local_resources())
-    in_trial = train + probe
+    in_trial = train + evals + probe
+    by_start = sorted(children, key=lambda r: r.info.start_time)
+    startup = [
+        [
+            m.value
+            for m in sorted(client.get_metric_history(r.info.run_id, "startup_s"), key=lambda m: m.timestamp)
+        ]
+        for r in by_start
+    ]
+    first = [s[0] for s in startup if s]
     return {
         "study": spec.name,
-        "runs": str(runs),
+        "trial_path": spec.budget.path,
         "trials": len(children),
         "states": summary["stages"].get("search", {}),
         "epochs_trained": epochs,
         "wall_s": round(wall, 1),
         "train_s": round(train, 1),
+        "eval_s": round(evals, 1),
         "probe_s": round(probe, 1),
         "in_trial_s": round(in_trial, 1),
+        "mean_trial_in_trial_s": round(in_trial / max(1, len(children)), 1),
         "slots": slots,
         "overhead_fraction": round(1 - in_trial / (wall * slots), 3),
+        "overhead_per_trial_s": round((wall * slots - in_trial) / max(1, len(children)), 1),
+        "startup_s_new_actors": [round(v, 2) for v in first[:slots]],
+        "startup_s_later_trials": [round(v, 2) for v in first[slots:]],
+        "startup_s_median": round(statistics.median(first), 2) if first else None,
+    }
+
+
+def _both_paths(raw: dict, origin: str) -> dict:
+    """The same spec on the Tune path (trials train in their Tune actors) and on the Train path
+    (one Ray Train job per trial), one after the other in this run."""
+    from amdim.harness.study_spec import parse_spec
+
+    out = {}
+    for path in ("tune", "train"):
+        spec_raw = {**raw, "name": f"{raw['name']}-{path}", "budget": {**raw["budget"], "launcher": path}}
+        out[path] = _study_figures(parse_spec(spec_raw, origin=origin))
+        print(json.dumps(out[path]), file=sys.stderr)
+    return out
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    flags = [f for f in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if caps.get(f)]
+    model = caps.get("cpu_name") or platform.processor() or platform.machine()
+    return {"cpu": f"{model}, {os.cpu_count()} CPUs, flags {' '.join(flags) or 'none of avx2/avx512/amx'}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}  # fmt: skip
+
+
+def smoke(args) -> dict:
+    import yaml
+
+    runs = _runs(args)
+    raw = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    return {"runs": str(runs), **_machine(), "paths": _both_paths(raw, "studies/smoke.yaml")}
+
+
+def minute(args) -> dict:
+    """Trials that train about ``--seconds`` each (calibrated on this machine), on both paths."""
+    import torch
+    import yaml
+
+    from amdim.bench import run_bench
+    from amdim.config import preset, with_overrides
+    from amdim.harness.trial import worker_threads
+
+    runs = _runs(args)
+    raw = yaml.safe_load((ROOT / "studies" / "bench" / "minute.yaml").read_text())
+    base = raw["base"]["set"]
+    epochs, batch = raw["budget"]["epochs"], base["data.batch_size"]
+    # Calibrate: the training step's rate here, with the torch threads one trial will have.
+    cfg = with_overrides(
+        preset(raw["base"]["preset"]), {**base, "data.spec": "synthetic:n_train=512,n_test=64"}
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(raw["budget"]["cpus_per_worker"]))
+    rate = run_bench(cfg, batch, "cpu", steps=6, warmup=2, data=False)["step_images_per_s"]
+    torch.set_num_threads(before)
+    steps = max(1, round(args.seconds * rate / batch / epochs))
+    base["train.max_steps_per_epoch"] = steps
+    raw["base"]["data"] = f"synthetic:n_train={steps * batch},n_test=512"
+    return {
+        "runs": str(runs),
+        **_machine(),
+        "calibration": {"step_images_per_s": round(rate, 1), "steps_per_epoch": steps, "epochs": epochs},
+        "paths": _both_paths(raw, "studies/bench/minute.yaml"),
     }
 
 
@@ -231,7 +327,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.bench_studies", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("which", choices=["smoke", "search", "packing"])
+    parser.add_argument("which", choices=["smoke", "minute", "search", "packing"])
     parser.add_argument("--runs", help="folder for the runs (default: a fresh temporary folder)")
     parser.add_argument("--data", help="data spec for the search and packing benchmarks")
     parser.add_argument(
@@ -246,8 +342,11 @@ def main() -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="packing: base config overrides"
     )
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="minute: the training time each trial is sized to"
+    )
     args = parser.parse_args()
-    out = {"smoke": smoke, "search": search, "packing": packing}[args.which](args)
+    out = {"smoke": smoke, "minute": minute, "search": search, "packing": packing}[args.which](args)
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -139,7 +139,8 @@ def _stage_key(col: pd.Series) -> pd.Series:
 
 def importances(name: str, trials: pd.DataFrame, metric: str) -> tuple[dict[str, float], str]:
     """fANOVA importances from the Optuna study when it has enough complete trials, else the
-    variance-share fallback of :func:`analysis.plots.importance_from_trials`."""
+    variance-share fallback of :func:`analysis.plots.importance_from_trials`; none (an empty dict)
+    below two complete search trials, where no importance can be measured."""
     import optuna
 
     from amdim.harness.study import optuna_url, study_dir
@@ -153,4 +154,7 @@ def importances(name: str, trials: pd.DataFrame, metric: str) -> tuple[dict[str,
                 return dict(optuna.importance.get_param_importances(study)), "optuna fANOVA"
         except Exception:  # too few distinct values, a single parameter value, ...
             pass
-    return importance_from_trials(trials[trials["stage"] == "search"], metric), "variance share (fallback)"
+    search = trials[trials["stage"] == "search"]
+    if ((search["state"] == "complete") & search[metric].notna()).sum() < 2:
+        return {}, "none (fewer than 2 complete search trials)"
+    return importance_from_trials(search, metric), "variance share (fallback)"

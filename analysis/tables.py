@@ -30,7 +30,7 @@ import pandas as pd
 from analysis.paper import PAPER_ABLATION
 
 PARAM_PREFIX = "param."
-STATES = ("complete", "early_stopped", "failed", "running")
+STATES = ("complete", "early_stopped", "diverged", "failed", "running")
 STAGES = ("search", "confirm")
 PROBES: dict[str, tuple[str, str]] = {
     "offline_linear": ("probe_test_accuracy", "offline linear"),

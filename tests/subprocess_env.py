@@ -34,13 +34,13 @@ def run_amdim(
     )
 
 
-def start_amdim(runs: Path, *args: str) -> subprocess.Popen:
+def start_amdim(runs: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """`amdim ARGS` started in its own process group (so that killing the group takes its local Ray
     with it), stdout and stderr merged."""
     return subprocess.Popen(
         [sys.executable, "-m", "amdim.cli", *args],
         cwd=ROOT,
-        env=clean_env(runs),
+        env={**clean_env(runs), **(extra_env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

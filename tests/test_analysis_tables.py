@@ -188,6 +188,7 @@ def test_state_counts():
     assert counts.loc[("abl-syn", "search")].to_dict() == {
         "complete": 5,
         "early_stopped": 1,
+        "diverged": 0,
         "failed": 1,
         "running": 0,
         "total": 7,

@@ -16,8 +16,9 @@ import optuna
 import pytest
 import torch
 import yaml
-from subprocess_env import ROOT, run_amdim, start_amdim
+from subprocess_env import FOREIGN, ROOT, run_amdim, start_amdim
 
+from amdim import cli
 from amdim.config import preset, to_flat
 from amdim.harness.trial import registered_checkpoints
 
@@ -28,7 +29,7 @@ SMOKE = ROOT / "studies" / "smoke.yaml"
 # shorter trials: each pays the Train job's start-up).
 TRAIN_PATH = {
     "name": "smoke-train",
-    "budget": {"trials": 2, "epochs": 2, "max_concurrent": 1, "workers": 2, "cpus_per_worker": 0.5},
+    "budget": {"trials": 2, "epochs": 2, "max_concurrent": 2, "workers": 2, "cpus_per_worker": 0.25},
 }
 
 
@@ -157,14 +158,25 @@ def test_sampled_loss_settings_reach_the_built_model(smoke):
         assert str(model.loss_cfg.tclip) == run.data.params["loss.tclip"]
 
 
-def test_status_command(smoke):
+def _amdim_here(runs: Path, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`amdim ARGS` in this process (commands that start no Ray: no interpreter start-up to pay)."""
+    for key in FOREIGN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AMDIM_RUNS_DIR", str(runs))
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_status_command(smoke, monkeypatch, capsys):
     runs, _, _ = smoke
-    proc = run_amdim(runs, "study", "status", "smoke", "--json")
-    assert proc.returncode == 0, proc.stderr
-    status = json.loads(proc.stdout)
+    rc, out, err = _amdim_here(runs, monkeypatch, capsys, "study", "status", "smoke", "--json")
+    assert rc == 0, err
+    status = json.loads(out)
     assert sum(status["stages"]["search"].values()) == len(_optuna(runs, "smoke").trials)
     assert status["best"]["number"] >= 0
-    text = run_amdim(runs, "study", "status", "smoke").stdout
+    _, text, _ = _amdim_here(runs, monkeypatch, capsys, "study", "status", "smoke")
     assert "search:" in text and "best: trial" in text
 
 
@@ -264,17 +276,29 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("path", ["tune", pytest.param("train", marks=pytest.mark.slow)])
-def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, path):
-    runs = tmp_path / "runs"
+def test_killed_trial_and_killed_driver_resume_without_rerunning_or_duplicating(tmp_path, path):
+    """Two crashes in one study: the process training the first trial is killed mid-way through
+    its epoch 2 (its Tune actor, or its Train worker): the trial restarts from its epoch-1
+    checkpoint and finishes. Later the driver is killed while the second trial trains: running
+    the spec again reruns no finished trial, duplicates no child run, and the interrupted trial
+    continues from its last saved checkpoint."""
+    from amdim.harness.trial import FAULT_ENV
+
+    runs, marker = tmp_path / "runs", tmp_path / "killed"
     spec_path = tmp_path / "resume.yaml"
     spec = json.loads(json.dumps(RESUME_SPEC))
     spec["budget"]["launcher"] = path
     if path == "tune":  # its epochs are quicker: longer trials leave the test time to catch one running
         spec["budget"]["epochs"] = 6
-        spec["base"]["set"]["train.max_steps_per_epoch"] = 16
+        spec["base"]["set"]["train.max_steps_per_epoch"] = 10
     spec_path.write_text(yaml.safe_dump(spec))
     sdir = runs / "studies" / "resume"
-    proc = start_amdim(runs, "study", "run", str(spec_path))  # own process group: the kill takes its Ray too
+    # Own process group: the kill takes its Ray too. Tune saves its experiment state every 10 s
+    # (at least); every 2 s here, so that short trials are caught with a checkpoint saved.
+    proc = start_amdim(
+        runs, "study", "run", str(spec_path),
+        extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "2", FAULT_ENV: f"1:0:{marker}"},
+    )  # fmt: skip
     try:
 
         def one_done_and_second_checkpointed() -> bool:
@@ -298,6 +322,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert marker.exists(), "the trial process was not killed"
     before = _optuna(runs, "resume").trials
     done_before = {
         t.user_attrs["tune_trial_id"]: t for t in before if t.state == optuna.trial.TrialState.COMPLETE
@@ -319,12 +344,19 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, path):
     assert len(after) == spec["budget"]["trials"]  # the study continued its history
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
     client, _, children = _children(runs, "resume")
+    by_tune_id = {r.data.tags["tune_trial_id"]: r for r in children}
+    by_number = {t.number: by_tune_id[t.user_attrs["tune_trial_id"]] for t in after}
     ids = [r.data.tags["tune_trial_id"] for r in children]
     assert len(ids) == len(set(ids)) == spec["budget"]["trials"]  # no duplicate child runs
     for run in done_runs.values():  # finished trials were not trained again
         now = client.get_run(run.info.run_id)
         assert now.info.end_time == run.info.end_time
         assert len(client.get_metric_history(run.info.run_id, "epoch")) == spec["budget"]["epochs"]
+    first = by_number[0]  # its process was killed in epoch 2: it went on from the epoch-1 checkpoint
+    assert [m.value for m in client.get_metric_history(first.info.run_id, "restarted_at_epoch")] == [1]
+    resumed = {m.step: m.value for m in client.get_metric_history(first.info.run_id, "resumed_from_epoch")}
+    assert resumed == {e: (0 if e == 1 else 1) for e in range(1, spec["budget"]["epochs"] + 1)}
+    assert first.data.tags["state"] == "complete"
     for tid in interrupted:  # the interrupted trial restarted from its checkpoint, not from scratch
         run = next(r for r in children if r.data.tags["tune_trial_id"] == tid)
         restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarted_at_epoch")]
@@ -334,11 +366,13 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, path):
         assert run.data.tags["state"] == "complete"
 
 
-def test_report_from_the_recorded_study(smoke, tmp_path):
+def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     runs, _, _ = smoke
     out = tmp_path / "report"
-    proc = run_amdim(runs, "report", "smoke", "--format", "csv,md,tex", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rc, _, err = _amdim_here(
+        runs, monkeypatch, capsys, "report", "smoke", "--format", "csv,md,tex", "--out", str(out)
+    )
+    assert rc == 0, err
     for name in ("results", "states", "ablation"):
         for ext in ("csv", "md", "tex"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
@@ -354,36 +388,21 @@ def test_report_from_the_recorded_study(smoke, tmp_path):
     curves = pd.read_csv(out / "curves.csv")
     assert curves["val_acc_lin"].between(0, 1).all() and curves["test_acc_lin"].between(0, 1).all()
     assert "paper default" in (out / "ablation.md").read_text()
-    bad = run_amdim(runs, "report", "smoke", "--format", "xlsx", "--out", str(out))
-    assert bad.returncode == 2 and "unknown format 'xlsx'" in bad.stderr
-    compare = run_amdim(
-        runs, "report", "--compare", "smoke", "--format", "md", "--out", str(tmp_path / "cmp")
+    rc, _, err = _amdim_here(
+        runs, monkeypatch, capsys, "report", "smoke", "--format", "xlsx", "--out", str(out)
     )
-    assert compare.returncode == 0, compare.stderr[-2000:]
+    assert rc == 2 and "unknown format 'xlsx'" in err
+    rc, _, err = _amdim_here(
+        runs,
+        monkeypatch,
+        capsys,
+        "report",
+        "--compare",
+        "smoke",
+        "--format",
+        "md",
+        "--out",
+        str(tmp_path / "cmp"),
+    )
+    assert rc == 0, err
     assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()
-
-
-def test_a_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
-    """The Tune path: SIGKILL the trial's actor mid-way through epoch 2; Tune restarts the trial
-    (budget.max_failures) in a new actor, which continues from the epoch-1 checkpoint."""
-    from amdim.harness.trial import FAULT_ENV
-
-    runs, marker = tmp_path / "runs", tmp_path / "killed"
-    spec = json.loads(json.dumps(RESUME_SPEC))
-    spec["name"] = "crash"
-    spec["budget"].update({"trials": 1, "epochs": 3})
-    spec_path = tmp_path / "crash.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    proc = run_amdim(runs, "study", "run", str(spec_path), extra_env={FAULT_ENV: f"1:0:{marker}"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert marker.exists(), "the fault was not injected"
-    (trial,) = _optuna(runs, "crash").trials
-    assert trial.state == optuna.trial.TrialState.COMPLETE
-    client, _, children = _children(runs, "crash")
-    (run,) = children  # the restarted trial kept its one child run
-    assert run.data.tags["state"] == "complete" and run.info.status == "FINISHED"
-    restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarted_at_epoch")]
-    assert restarts == [1]  # the new actor continued from the epoch-1 checkpoint
-    resumed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")}
-    assert resumed == {1: 0, 2: 1, 3: 1}
-    assert _checkpoint(run)["epoch"] == 3 and "probe_val_accuracy" in run.data.metrics

@@ -30,7 +30,7 @@ def test_shipped_specs_parse_and_shrink(name):
         spec.trial_config(point)
 
 
-@pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing"])
+@pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing", "minute"])
 def test_benchmark_specs_parse(name):
     spec = load_spec(STUDIES / "bench" / f"{name}.yaml")
     assert spec.name == name and spec.budget.workers == 1
@@ -164,6 +164,15 @@ BAD = {
         _mutate("budget/cpus_per_worker", 64),
         "budget.cpus_per_worker: a trial needs",
     ),
+    "unknown launcher": (_mutate("budget/launcher", "local"), "budget.launcher: unknown value 'local'"),
+    "Tune path with several workers": (
+        _mutate("budget/launcher", "tune"),
+        "budget.launcher: tune trains in the trial's own actor: one worker, got 2",
+    ),
+    "driver resources on the Tune path": (
+        _mutate("budget/driver_resources", {"head": 0.01}),
+        "budget.driver_resources: a single-worker trial trains in its Tune actor",
+    ),
 }
 
 
@@ -184,6 +193,8 @@ def test_bad_spec_is_one_line_exit_2_before_ray_and_mlflow(case, isolated, capsy
     raw = _good()
     if case == "fractional GPUs on several workers":
         raw["budget"]["gpus_per_worker"] = 0.5
+    if case == "Tune path with several workers":
+        raw["budget"]["workers"] = 2
     if case == "GPUs beyond the machine":
         import torch
 
@@ -217,6 +228,25 @@ def test_unknown_study_name_for_status_resume_confirm(isolated, capsys):
         assert cli.main(["study", *cmd]) == 2
         assert "no study named 'nope'" in capsys.readouterr().err
     assert not os.path.exists(isolated / "runs" / "mlflow.db")
+
+
+def test_each_path_reserves_what_its_trials_hold():
+    """Tune path: the trial's one actor trains and holds everything; Train path: a waiting driver
+    (0.25 CPU and driver_resources) plus the workers' shares."""
+    from amdim.harness.study import DRIVER_CPU, actor_resources, concurrency, trial_resources
+
+    raw = _good()  # 1 worker x 0.75 CPU
+    raw["budget"]["worker_resources"] = {"gpu_node": 1}
+    tune = parse_spec(raw)
+    assert tune.budget.path == "tune"
+    assert trial_resources(tune) == actor_resources(tune) == {"CPU": 0.75, "gpu_node": 1.0}
+    assert concurrency(tune, 2, 0, {"gpu_node": 4}) == 2  # max_concurrent 2; 2 / 0.75 CPUs fit 2
+    raw["budget"].update({"launcher": "train", "driver_resources": {"head": 0.01}})
+    train = parse_spec(raw)
+    assert actor_resources(train) == {"CPU": DRIVER_CPU, "head": 0.01}
+    assert trial_resources(train) == {"CPU": DRIVER_CPU + 0.75, "GPU": 0.0, "gpu_node": 1.0, "head": 0.01}
+    raw["budget"].update({"workers": 2, "launcher": "auto", "cpus_per_worker": 0.5})
+    assert parse_spec(raw).budget.path == "train"  # auto: several workers need a Train job
 
 
 @pytest.mark.parametrize(("epochs", "grace", "rf"), [(4, 1, 2), (3, 1, 2), (100, 10, 3), (9, 1, 3)])

@@ -108,13 +108,16 @@ def _wait_nodes(address: str, env: dict[str, str], n: int, timeout: float = 90) 
     raise AssertionError(f"the cluster at {address} did not reach {n} nodes")
 
 
-def _spec(tmp: Path) -> Path:
+def _spec(tmp: Path, launcher: str = "train") -> Path:
+    """The smoke study with its training pinned to the second node ("gpu_node"): on the Train
+    path with the trial drivers pinned to the head, on the Tune path (no separate driver) the
+    trial actors, which train, on the second node."""
     spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
-    spec["name"] = "smoke-two-node"
-    spec["budget"].update(
-        {"max_concurrent": 2, "worker_resources": {"gpu_node": 1}, "driver_resources": {"head": 0.01}}
-    )
-    path = tmp / "two-node.yaml"
+    spec["name"] = f"smoke-two-node-{launcher}"
+    spec["budget"].update({"max_concurrent": 2, "worker_resources": {"gpu_node": 1}, "launcher": launcher})
+    if launcher == "train":
+        spec["budget"]["driver_resources"] = {"head": 0.01}
+    path = tmp / f"two-node-{launcher}.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     return path
 
@@ -131,12 +134,14 @@ def test_study_refuses_a_multi_node_cluster_without_shared_storage(cluster):
     assert not (tmp / "runs" / "mlflow.db").exists()
 
 
-def test_smoke_study_spans_both_nodes(cluster):
+@pytest.mark.parametrize("launcher", ["train", "tune"])
+def test_smoke_study_spans_both_nodes(cluster, launcher):
     tmp, address, env, started = cluster
     storage = tmp / "shared"
+    name = f"smoke-two-node-{launcher}"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "amdim.cli", "study", "run", str(_spec(tmp))],
+        [sys.executable, "-m", "amdim.cli", "study", "run", str(_spec(tmp, launcher))],
         cwd=ROOT, env={**env, "RAY_ADDRESS": address, "AMDIM_STORAGE": str(storage)},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -145,8 +150,8 @@ def test_smoke_study_spans_both_nodes(cluster):
     assert "on 2 node(s)" in proc.stdout
     print(f"\ntwo-node cluster start {started:.1f} s; smoke study {wall:.1f} s")
 
-    sdir = storage / "smoke-two-node"
-    study = optuna.load_study(study_name="smoke-two-node", storage=f"sqlite:///{sdir / 'optuna.db'}")
+    sdir = storage / name
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sdir / 'optuna.db'}")
     n = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())["budget"]["trials"]
     assert len(study.trials) == n
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
@@ -162,17 +167,18 @@ def test_smoke_study_spans_both_nodes(cluster):
 
     state = json.loads((sdir / "state.json").read_text())
     client = mlflow.MlflowClient(state["tracking_uri"])
-    exp = client.get_experiment_by_name("smoke-two-node")
+    exp = client.get_experiment_by_name(name)
     children = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
     )
     assert len(children) == n
     for run in children:
-        assert run.data.tags["driver_node"] == head  # the trial's Tune driver ran on the head ...
-        assert run.data.tags["worker_node"] == gpu  # ... and its Train worker on the "GPU" node
+        assert run.data.tags["trial_path"] == launcher
+        # On the Train path the trial's Tune driver ran on the head and its Train worker on the
+        # "GPU" node; on the Tune path the trial's actor, which trains, on the "GPU" node.
+        assert run.data.tags["driver_node"] == (head if launcher == "train" else gpu)
+        assert run.data.tags["worker_node"] == gpu
         assert run.data.tags["state"] in ("complete", "early_stopped")
-        assert (
-            sdir / "train" / f"search-{run.data.tags['tune_trial_id']}"
-        ).is_dir()  # results on shared storage
+        assert Path(run.data.tags["checkpoint_path"]).is_relative_to(sdir)  # results on shared storage
         if run.data.tags["state"] == "complete":
             assert "probe_test_accuracy" in run.data.metrics

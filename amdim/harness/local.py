@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from amdim.errors import UserError
+from amdim.errors import DivergedError, UserError
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -97,6 +97,15 @@ def train_local(
                 record.log_artifact(final["segmentation"])
             result["run_id"] = record.run_id
             record.finish("FINISHED")
+    except DivergedError as exc:
+        # Not a result: no checkpoint.pt or metrics.json stays behind to be mistaken for one.
+        ckpt_path.unlink(missing_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)
+        write_json(out / "diverged.json", {"epoch": exc.epoch, "step": exc.step, "error": str(exc)})
+        if record is not None:
+            record.set_tags({"state": "diverged", "diverged_at": f"epoch {exc.epoch} step {exc.step}"})
+            record.finish("FAILED")
+        raise
     except BaseException:
         if record is not None:
             record.finish("KILLED")

@@ -27,7 +27,7 @@ import torch
 
 from amdim import checkpoint as ckpt_io
 from amdim.config import Config, from_flat, to_flat, with_overrides
-from amdim.errors import UserError
+from amdim.errors import DivergedError, UserError
 
 RAY_ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",  # 2.60 enables token auth and writes ~/.ray/auth_token otherwise
@@ -251,6 +251,8 @@ def train_ray(
             first = str(exc).strip().splitlines()[0][:200]
             raise UserError(f"training failed after {max_failures} worker restarts: {first}") from None
         fit_s = time.perf_counter() - t_fit
+        if (result.metrics or {}).get("diverged"):  # the workers stopped on a non-finite loss
+            raise DivergedError(int(result.metrics["diverged_at_epoch"]), int(result.metrics["diverged_at_step"]))
         if result.checkpoint is None:
             raise UserError("training produced no checkpoint")
         with result.checkpoint.as_directory() as d:

@@ -36,6 +36,7 @@ from amdim.harness.study_spec import SpecError, StudySpec, config_id, parse_spec
 
 DRIVER_CPU = 0.25  # the trial function only waits on its Train run; workers hold the real resources
 STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_stopped", "failed", "running"
+STATE_DIVERGED = "diverged"  # the loss stopped being finite: MLflow FAILED, Optuna FAIL
 
 
 # --- where a study lives ------------------------------------------------------------------------
@@ -219,6 +220,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             final = {k: v for k, v in run.data.metrics.items()}
             ray.tune.report({**final, "epoch": int(final.get("epoch", cfg.train.epochs)), "recorded": 1})
             return
+        if run.data.tags.get("state") == STATE_DIVERGED:  # it would diverge again
+            ray.tune.report({"diverged": 1, "recorded": 1})
+            return
         client.update_run(run_id, status="RUNNING")
     else:
         tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": f"ray-tune ({ctx['launcher']} path)"})
@@ -248,14 +252,17 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         flat = {**flat, "train.device": "cuda"}
     loop_config = {"flat": flat, "tracking_uri": uri, "run_id": run_id, "probe": True, "quiet": True}
     if ctx["launcher"] == "tune":
-        _train_in_actor(loop_config)
+        outcome = _train_in_actor(loop_config)
     else:
-        _train_as_job(loop_config, ctx, trial_id)
+        outcome = "diverged" if _train_as_job(loop_config, ctx, trial_id).get("diverged") else "complete"
     client.log_metric(run_id, "trial_wall_s", time.time() - t0)
-    mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
+    if outcome == "diverged":  # the trial's own last report says so to Tune and Optuna
+        mark_child(uri, run_id, STATE_DIVERGED, "FAILED")
+    else:
+        mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
 
 
-def _train_in_actor(loop_config: dict[str, Any]) -> None:
+def _train_in_actor(loop_config: dict[str, Any]) -> str:
     """The Tune path: the trainer in this actor, reporting through ``ray.tune``. Ray gave the
     actor the trial's CPUs (torch threads follow them, rounded) and its GPU share (the one visible
     device); a restarted trial continues from ``ray.tune.get_checkpoint()``."""
@@ -268,7 +275,7 @@ def _train_in_actor(loop_config: dict[str, Any]) -> None:
     threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
     torch.set_num_threads(threads)
     device = torch.device("cuda" if from_flat(loop_config["flat"]).train.device == "cuda" else "cpu")
-    train_and_report(
+    return train_and_report(
         loop_config,
         session=ray.tune,
         device=device,
@@ -276,9 +283,10 @@ def _train_in_actor(loop_config: dict[str, Any]) -> None:
     )
 
 
-def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: str) -> None:
+def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The Train path: a Ray Train job whose rank-0 worker reports to this trial through
-    ``TuneReportCallback``; its deterministic name makes a restarted trial resume its own run."""
+    ``TuneReportCallback``; its deterministic name makes a restarted trial resume its own run.
+    Returns the job's last reported metrics."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -291,7 +299,7 @@ def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: st
         "CPU": b["cpus_per_worker"],
         **({"GPU": b["gpus_per_worker"]} if b["gpus_per_worker"] else {}),
     }
-    TorchTrainer(
+    result = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -308,6 +316,7 @@ def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: st
             callbacks=[TuneReportCallback()],
         ),
     ).fit()
+    return dict(result.metrics or {})
 
 
 def _device_tag(ctx: dict[str, Any]) -> str:
@@ -498,10 +507,14 @@ def _fail_orphans(spec: StudySpec) -> int:
 
 
 def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Path, log):
+    import logging
+
     import ray.tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from amdim.harness.study_search import EpochASHA, StudyProgress
+    from amdim.harness.study_search import EpochASHA, QuietTrialFailures, StudyProgress
+
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(QuietTrialFailures())
 
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), actor_resources(spec))
     if ray.tune.Tuner.can_restore(str(exp_path)):

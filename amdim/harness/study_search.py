@@ -8,6 +8,7 @@ able to import them by name.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -58,14 +59,19 @@ class AmdimOptunaSearch(OptunaSearch):
             if result:  # the result ASHA stopped a trial on never reaches on_trial_result
                 with contextlib.suppress(Exception):
                     self._report_online(trial_id, result)
-            finished = bool(result) and result.get(self.metric) is not None
-            state = "complete" if finished else "failed" if error else "early_stopped"
+            diverged = bool(result) and bool(result.get("diverged"))
+            finished = bool(result) and result.get(self.metric) is not None and not diverged
+            state = (
+                "diverged" if diverged else "complete" if finished else "failed" if error else "early_stopped"
+            )
             try:
                 self._ot_trials[trial_id].set_user_attr("state", state)
                 if result and "epoch" in result:
                     self._ot_trials[trial_id].set_user_attr("epochs", int(result["epoch"]))
             except Exception:  # already finished in the database (told before a driver crash)
                 pass
+            if diverged:  # FAIL, not PRUNED: the configuration broke, it was not merely behind
+                result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -161,7 +167,7 @@ class StudyProgress(Callback):
                 "checkpoint_path",
                 lambda r: client.set_tag(r, "checkpoint_path", result["checkpoint_path"]),
             )
-        if self.rank in result:
+        if self.rank in result or result.get("diverged"):
             return  # the final report; on_trial_complete prints it
         value = result.get(self.online)
         shown = f"{value:.4f}" if isinstance(value, float) else value
@@ -179,6 +185,14 @@ class StudyProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
+        if last.get("diverged"):  # the trial marked its own run diverged (FAILED)
+            where = (
+                f" at epoch {last['diverged_at_epoch']}, step {last['diverged_at_step']}"
+                if "diverged_at_epoch" in last
+                else ""
+            )
+            self._say(f"trial {self._name(trial)} diverged (non-finite loss{where}): recorded as failed")
+            return
         if self.rank in last:
             other = "probe_test_accuracy" if self.rank == "probe_val_accuracy" else "probe_val_accuracy"
             self._say(
@@ -188,6 +202,12 @@ class StudyProgress(Callback):
             return
         self._say(f"trial {self._name(trial)} early-stopped by ASHA at epoch {last.get('epoch', 0)}")
         self._mark(trial, "early_stopped", "KILLED", last)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._say(
+            f"trial {self._name(trial)} failed ({_error_line(trial)}); Tune restarts it from its last "
+            f"checkpoint (failure {trial.num_failures} of at most {self.ctx['budget']['max_failures']})"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(f"trial {self._name(trial)} failed: {_error_line(trial)}")
@@ -203,6 +223,15 @@ class StudyProgress(Callback):
                 self.ctx["tracking_uri"], r, state, status, {"stopped_at_epoch": str(last.get("epoch", 0))}
             ),
         )
+
+
+class QuietTrialFailures(logging.Filter):
+    """Drops Tune's "Trial task failed" log record (a traceback per failure): StudyProgress says
+    in one line that the trial failed and whether it is restarted; the trial's error file keeps
+    the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trial task failed")
 
 
 def _error_line(trial) -> str:

@@ -52,10 +52,13 @@ ONLINE_METRICS = {  # per-epoch metrics the trainer reports, and which way is be
     "val_acc_mlp": "max",
     "test_acc_lin": "max",  # the paper's online evaluation: on the test set
     "test_acc_mlp": "max",
+    "val_acc_knn": "max",  # weighted kNN on the same split (amdim.signals)
+    "rankme": "max",  # effective rank of the split's features: label-free
     "train_acc_lin": "max",
     "loss": "min",
     "loss_nce": "min",
 }
+NEEDS_SPLIT = ("val_acc_lin", "val_acc_mlp", "val_acc_knn", "rankme")  # computed on the online val split
 RANK_METRICS = ("probe_val_accuracy", "probe_test_accuracy")
 SAMPLERS = ("tpe", "random", "grid")
 LAUNCHERS = ("auto", "tune", "train")
@@ -445,12 +448,14 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
     # stopping never looks at the test set; else the paper's online test evaluation.
     default_online = "val_acc_lin" if base.data.online_val_fraction > 0 else "test_acc_lin"
     online = _str(objective_raw, "online", "objective", default_online, tuple(ONLINE_METRICS))
-    if online.startswith("val_") and base.data.online_val_fraction <= 0:
+    if online in NEEDS_SPLIT and base.data.online_val_fraction <= 0:
         _fail(
             "objective.online",
             f"{online} needs a validation split: set data.online_val_fraction (e.g. 0.1) in base.set",
         )
-    if online.startswith("val_") and "data.online_val_fraction" in {p.key for p in params}:
+    if online == "val_acc_knn" and base.train.knn_bank == 0:
+        _fail("objective.online", "val_acc_knn needs a kNN bank: train.knn_bank is 0 in base.set")
+    if online in NEEDS_SPLIT and "data.online_val_fraction" in {p.key for p in params}:
         _fail("search.data.online_val_fraction", f"fixes what {online} measures; set it in base.set instead")
     rank = _str(objective_raw, "rank", "objective", "probe_val_accuracy", RANK_METRICS)
 

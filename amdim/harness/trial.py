@@ -32,6 +32,7 @@ import torch
 
 from amdim import checkpoint as ckpt_io
 from amdim.config import Config, from_flat
+from amdim.errors import DivergedError
 
 FAULT_ENV = "AMDIM_FAULT_INJECT"  # "EPOCH:RANK:MARKER": SIGKILL that rank once, mid-way through epoch EPOCH+1
 
@@ -93,12 +94,14 @@ def train_and_report(
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     tags: dict[str, str] | None = None,
     registered: Callable[[], int] | None = None,
-) -> None:
+) -> str:
     """Train ``loop_config["flat"]``, reporting every epoch to ``session`` (``ray.tune`` or
     ``ray.train``) and to the MLflow run ``loop_config["run_id"]``; with ``loop_config["probe"]``,
     run the offline probe on rank 0 afterwards and report its result last.
 
-    The first report after a (re)start carries ``first_step_at`` (wall-clock time of the end of the
+    Returns ``"complete"``, or ``"diverged"`` when the loss stopped being finite: then the last
+    report is ``{"diverged": 1, "diverged_at_epoch": E, "diverged_at_step": S}`` and there is no
+    probe. The first report after a (re)start carries ``first_step_at`` (wall-clock time of the end of the
     first optimiser step in this process), from which the study driver measures a trial's start-up.
     """
     from amdim import trainer
@@ -138,21 +141,30 @@ def train_and_report(
                 ck = session.Checkpoint.from_directory(d)
             session.report(metrics, checkpoint=ck)  # persists the checkpoint before it returns
 
-    state = trainer.fit(
-        cfg,
-        bundle=bundle,
-        resume=payload,
-        dist=trainer.DistContext(rank, world),
-        wrap_model=wrap_model,
-        on_epoch_end=report,
-        log=print if rank == 0 and not loop_config.get("quiet") else None,
-        device=device,
-        on_step=on_step,
-    )
+    try:
+        state = trainer.fit(
+            cfg,
+            bundle=bundle,
+            resume=payload,
+            dist=trainer.DistContext(rank, world),
+            wrap_model=wrap_model,
+            on_epoch_end=report,
+            log=print if rank == 0 and not loop_config.get("quiet") else None,
+            device=device,
+            on_step=on_step,
+        )
+    except DivergedError as exc:
+        # Deterministic: a restart would diverge again. The run says so, and the last report
+        # (no checkpoint, no probe) tells Tune and Optuna that this trial failed for this reason.
+        if record is not None:
+            record.set_tags({"state": "diverged", "diverged_at": f"epoch {exc.epoch} step {exc.step}"})
+        session.report({"diverged": 1, "diverged_at_epoch": exc.epoch, "diverged_at_step": exc.step})
+        return "diverged"
     if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
         report({"epoch": 0}, lambda: trainer.checkpoint_payload(cfg, state, bundle.n_classes))
     if loop_config.get("probe"):
         _probe_and_report(cfg, state, bundle, record, rank, device, session)
+    return "complete"
 
 
 def _probe_and_report(cfg: Config, state, bundle, record, rank: int, device: torch.device, session) -> None:
