@@ -1,4 +1,4 @@
-"""Report tables from a study's tidy ``trials`` frame, and hand-written CSV, Markdown and LaTeX writers.
+"""Report tables from a study's tidy ``trials`` frame, and their CSV, Markdown and LaTeX writers.
 
 Input (from ``analysis.collect``): one row per trial and seed with ``study``, ``stage`` ('search' or
 'confirm'), ``trial``, ``run_id``, ``state``, ``seed``, ``setting``, ``dataset``, ``config_id``,
@@ -8,7 +8,8 @@ parameter (the flat keys of ``amdim.config.to_flat``).
 Tables are plain DataFrames; accuracies stay fractions. ``df.attrs`` tells the writers how to
 show them: ``percent`` (columns shown in percent with one decimal), ``pairs`` (``{mean: std}``,
 shown as one "55.0 ± 1.2" cell), ``labels`` (display headers) and ``caption``. CSV keeps the raw
-numbers for machines; Markdown and LaTeX are for people.
+numbers for machines; Markdown (pandas' ``to_markdown`` through tabulate) and LaTeX (pandas'
+``Styler.to_latex``, booktabs rules) are for people.
 
 Statistics: a configuration's numbers come from its confirm-stage runs when it has any, else from
 its search-stage runs, so the search seed is never counted twice. ``std`` is the sample standard
@@ -346,35 +347,25 @@ def to_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def _shown(df: pd.DataFrame, percent, pairs) -> tuple[pd.DataFrame, list[bool]]:
+    """The table as people read it (text cells, each mean/std pair one column) and which columns
+    are right-aligned."""
+    headers, rows, right = _display(df, percent, pairs)
+    return pd.DataFrame(rows, columns=headers, dtype=object), right
+
+
 def to_markdown(
     df: pd.DataFrame, percent: Iterable[str] | None = None, pairs: Mapping[str, str] | None = None
 ) -> str:
-    """A GitHub-flavoured Markdown table; ``percent``/``pairs`` default to ``df.attrs``."""
-    headers, rows, right = _display(df, percent, pairs)
-    headers = [h.replace("|", r"\|") for h in headers]
-    rows = [[c.replace("|", r"\|") for c in r] for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in rows)], default=3) for i, h in enumerate(headers)]
-    widths = [max(w, 3) for w in widths]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)]) + "\n"
+    """A Markdown pipe table (pandas through tabulate); ``percent``/``pairs`` default to ``df.attrs``."""
+    shown, right = _shown(df, percent, pairs)
+    shown = shown.map(lambda c: c.replace("|", r"\|")).rename(columns=lambda h: h.replace("|", r"\|"))
+    align = ["right" if r else "left" for r in right]
+    return shown.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True) + "\n"
 
 
-_LATEX = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
+# Characters pandas' LaTeX escaping leaves alone that a LaTeX document needs written otherwise.
+_TEX_SYMBOLS = {
     "<": r"\textless{}",
     ">": r"\textgreater{}",
     "|": r"\textbar{}",
@@ -394,11 +385,18 @@ _LATEX = {
     "μ": r"$\mu$",
     "σ": r"$\sigma$",
 }
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
+
+
+def _tex_symbols(text: str) -> str:
+    return "".join(_TEX_SYMBOLS.get(ch, ch) for ch in str(text))
 
 
 def latex_escape(text: str) -> str:
-    """Escape LaTeX specials and write ±, ×, → and Greek letters in math mode."""
-    return "".join(_LATEX.get(ch, ch) for ch in text)
+    """Escape LaTeX specials and write ±, ×, → and Greek letters in math mode (for captions:
+    table cells go through pandas' own escaping, then :data:`_TEX_SYMBOLS`)."""
+    return "".join(_TEX_SPECIALS.get(ch) or _TEX_SYMBOLS.get(ch, ch) for ch in text)
 
 
 def to_latex(
@@ -408,21 +406,23 @@ def to_latex(
     percent: Iterable[str] | None = None,
     pairs: Mapping[str, str] | None = None,
 ) -> str:
-    """A booktabs ``tabular`` (inside a ``table`` float when a caption or label is given)."""
-    headers, rows, right = _display(df, percent, pairs)
-    body = [r"\begin{tabular}{" + "".join("r" if r else "l" for r in right) + "}", r"\toprule"]
-    body.append(" & ".join(latex_escape(h) for h in headers) + r" \\")
-    body.append(r"\midrule")
-    body += [" & ".join(latex_escape(c) for c in r) + r" \\" for r in rows]
-    body += [r"\bottomrule", r"\end{tabular}"]
-    if caption is None and label is None:
-        return "\n".join(body) + "\n"
-    head = [r"\begin{table}[ht]", r"\centering"]
-    if caption is not None:
-        head.append(r"\caption{" + latex_escape(caption) + "}")
-    if label is not None:
-        head.append(r"\label{" + label + "}")
-    return "\n".join([*head, *body, r"\end{table}"]) + "\n"
+    """A booktabs ``tabular`` (pandas' ``Styler.to_latex``), inside a ``table`` float when a
+    caption or label is given."""
+    shown, right = _shown(df, percent, pairs)
+    styler = (
+        shown.style.hide(axis="index")
+        .format(escape="latex", formatter=_tex_symbols)
+        .format_index(escape="latex", formatter=_tex_symbols, axis=1)
+    )
+    floating = caption is not None or label is not None
+    return styler.to_latex(
+        column_format="".join("r" if r else "l" for r in right),
+        hrules=True,
+        caption=None if caption is None else latex_escape(caption),
+        label=label,
+        position="ht" if floating else None,
+        position_float="centering" if floating else None,
+    )
 
 
 def write_report_tables(

@@ -290,10 +290,10 @@ def test_markdown_formats_pairs_and_blanks():
     df = pd.DataFrame({"name": ["a|b", "c"], "mean": [0.55, NAN], "std": [0.012, NAN], "n": [2, 1]})
     df.attrs.update(percent=["mean", "std"], pairs={"mean": "std"})
     assert to_markdown(df) == (
-        "| name |       mean |   n |\n"
-        "|------|-----------:|----:|\n"
-        "| a\\|b | 55.0 ± 1.2 |   2 |\n"
-        "| c    |            |   1 |\n"
+        "| name   |       mean |   n |\n"
+        "|:-------|-----------:|----:|\n"
+        "| a\\|b   | 55.0 ± 1.2 |   2 |\n"
+        "| c      |            |   1 |\n"
     )
 
 
