@@ -8,18 +8,18 @@
   columns;
 * ``mlflow-compare.png``: the UI's compare view of the trial runs.
 
-Chromium is driven over the DevTools protocol (``aiohttp``'s websocket client, already installed
-with MLflow and Ray): before the page loads, the UI's own ``localStorage`` state is seeded so that
-the "Model training" view is shown, the assistant panel stays closed, the parent run is expanded
-and the chosen columns are selected. The page is then polled until the runs are rendered, so a
-blank or still-loading page fails instead of giving an empty picture. The server and the browser
-run in their own process groups and are always stopped; the browser gets a fresh temporary profile.
+Chromium is driven with Playwright for Python (the ``playwright`` package, whose own driver talks
+to the browser over a pipe), launching the system's Chromium (Debian's ``chromium``): no browser
+is downloaded, so ``playwright install`` is never needed. Before the runs list loads, the UI's own
+``localStorage`` state is seeded on the same origin (its ``/health`` page) so that the "Model
+training" view is shown, the assistant panel stays closed, the parent run is expanded and the
+chosen columns are selected. The page is then polled until the runs are rendered, so a blank or
+still-loading page fails instead of giving an empty picture. The server runs in its own process
+group and Chromium gets a fresh temporary profile; both are always stopped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -37,15 +37,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, sync_playwright
+
 from amdim.errors import UserError
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-CHROMIUM_FLAGS = (
+CHROMIUM_FLAGS = (  # as root on a closed network: no sandbox, and no traffic of Chromium's own
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-quic",
     "--disable-background-networking",
     "--disable-component-update",
+    "--disable-sync",
     "--no-first-run",
     "--hide-scrollbars",
     "--mute-audio",
@@ -57,6 +62,8 @@ SERVER_START_S = 90.0
 BROWSER_START_S = 30.0
 RENDER_S = 60.0
 SETTLE_S = 1.5
+CLICK_S = 5.0  # a control of the compare view not clickable by then is left as it is
+ACTION_S = 0.3
 MAX_COMPARE = 8  # a bigger study compares its best trials (by the rank metric, then the online one)
 MAX_WAIT_ROWS = 12  # the runs list must show every trial by name when it has no more than this
 
@@ -198,117 +205,91 @@ def serve(tracking_db: Path, port: int | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def browser(chromium: str | None = None) -> Iterator[int]:
-    """Headless Chromium with a fresh temporary profile; yields its DevTools port."""
+def browser(chromium: str | None = None) -> Iterator[Page]:
+    """Headless Chromium with a fresh temporary profile, driven by Playwright; yields its page."""
     chromium = chromium or find_chromium()
-    with tempfile.TemporaryDirectory(prefix="amdim-chromium-") as profile:
-        active = Path(profile) / "DevToolsActivePort"
-        log = Path(profile).with_suffix(".log")
-        cmd = [
-            chromium, *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}", "--remote-debugging-port=0",
-            f"--window-size={WIDTH},{HEIGHT}", "about:blank",
-        ]  # fmt: skip
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="amdim-chromium-") as profile, sync_playwright() as pw:
         try:
-            deadline = time.monotonic() + BROWSER_START_S
-            while not (active.is_file() and active.read_text().strip()):
-                if proc.poll() is not None:
-                    raise UserError(f"chromium exited with {proc.returncode}: {_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise UserError(f"chromium did not open its DevTools port in {BROWSER_START_S:.0f}s")
-                time.sleep(0.2)
-            yield int(active.read_text().split()[0])
+            context = pw.chromium.launch_persistent_context(
+                profile,
+                executable_path=chromium,
+                headless=True,
+                args=[*CHROMIUM_FLAGS, f"--window-size={WIDTH},{HEIGHT}"],
+                viewport={"width": WIDTH, "height": HEIGHT},
+                device_scale_factor=1,
+                timeout=BROWSER_START_S * 1000,
+            )
+        except PlaywrightError as e:
+            raise UserError(f"chromium ({chromium}) did not start: {_first_line(e)}") from e
+        try:
+            context.set_default_timeout(RENDER_S * 1000)
+            yield context.pages[0] if context.pages else context.new_page()
         finally:
-            _stop(proc)
-            log.unlink(missing_ok=True)
+            with contextlib.suppress(PlaywrightError):
+                context.close()
 
 
-class _Page:
-    """The few DevTools protocol calls the screenshots need, on one page target."""
+def _first_line(e: PlaywrightError) -> str:
+    return (e.message or str(e)).strip().splitlines()[0]
 
-    def __init__(self, ws) -> None:
-        self.ws = ws
-        self.n = 0
 
-    async def call(self, method: str, **params) -> dict:
-        self.n += 1
-        await self.ws.send_json({"id": self.n, "method": method, "params": params})
-        while True:
-            msg = await self.ws.receive_json(timeout=RENDER_S)
-            if msg.get("id") == self.n:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
+_MISSING = "texts => { const t = document.body ? document.body.innerText : ''; return texts.filter(s => !t.includes(s)); }"
 
-    async def eval(self, expression: str):
-        r = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expression[:80]}: {r['exceptionDetails'].get('text')}")
-        return r["result"].get("value")
 
-    async def goto(self, url: str) -> None:
-        await self.call("Page.navigate", url=url)
-
-    async def wait_for_text(self, texts: list[str], what: str) -> None:
-        """Poll until the page's visible text has every one of ``texts``, then let it settle."""
-        probe = f"(() => {{ const t = document.body ? document.body.innerText : ''; return {json.dumps(texts)}.filter(s => !t.includes(s)); }})()"
-        deadline = time.monotonic() + RENDER_S
+def _wait_for_text(page: Page, texts: list[str], what: str) -> None:
+    """Poll until the page's visible text has every one of ``texts``, then let it settle."""
+    try:
+        page.wait_for_function(
+            f"texts => ({_MISSING})(texts).length === 0", arg=texts, polling=250, timeout=RENDER_S * 1000
+        )
+    except PlaywrightError:
         missing = texts
-        while time.monotonic() < deadline:
-            with contextlib.suppress(RuntimeError):
-                missing = await self.eval(probe)
-                if not missing:
-                    await asyncio.sleep(SETTLE_S)
-                    return
-            await asyncio.sleep(0.25)
+        with contextlib.suppress(PlaywrightError):
+            missing = page.evaluate(_MISSING, texts)
         seen = Path(tempfile.gettempdir()) / f"amdim-mlflow-ui-{abs(hash(what)):x}.png"
         with contextlib.suppress(Exception):
-            await self.screenshot(seen)
+            _screenshot(page, seen)
         raise UserError(
             f"the MLflow UI did not render {what} in {RENDER_S:.0f}s (missing: {', '.join(missing[:5])}; page: {seen})"
-        )
+        ) from None
+    page.wait_for_timeout(SETTLE_S * 1000)
 
-    async def click(self, js_element: str) -> bool:
-        """Click (real mouse events) the element the JS expression gives; False if there is none."""
-        center = await self.eval(
-            f"""(() => {{ const e = {js_element}; if (!e) return null; e.scrollIntoView({{block: 'center'}});
-                const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"""
-        )
-        if not center:
-            return False
-        x, y = center
-        await self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-        await asyncio.sleep(0.3)
-        return True
 
-    async def type(self, text: str) -> None:
-        await self.call("Input.insertText", text=text)
-        await asyncio.sleep(0.3)
+def _click(page: Page, js_element: str) -> bool:
+    """Click (real mouse events) the element the JS expression gives; False if there is none."""
+    handle = page.evaluate_handle(f"() => ({js_element})")
+    element = handle.as_element()
+    if element is None:
+        handle.dispose()
+        return False
+    try:
+        element.click(timeout=CLICK_S * 1000)  # scrolled into view, once visible and stable
+    except PlaywrightError:  # gone from the page, or never clickable: left as it is
+        return False
+    finally:
+        element.dispose()
+    page.wait_for_timeout(ACTION_S * 1000)
+    return True
 
-    async def key(self, key: str, code: int) -> None:
-        for kind in ("keyDown", "keyUp"):
-            await self.call(
-                "Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code
-            )
-        await asyncio.sleep(0.3)
 
-    async def screenshot(self, path: Path, height: int | None = None) -> Path:
-        await self.call(
-            "Emulation.setDeviceMetricsOverride",
-            width=WIDTH,
-            height=height or HEIGHT,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        if height:
-            await asyncio.sleep(SETTLE_S)
-        shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)
-        path.write_bytes(base64.b64decode(shot["data"]))
-        return path
+def _type(page: Page, text: str) -> None:
+    page.keyboard.insert_text(text)
+    page.wait_for_timeout(ACTION_S * 1000)
+
+
+def _key(page: Page, key: str) -> None:
+    page.keyboard.press(key)
+    page.wait_for_timeout(ACTION_S * 1000)
+
+
+def _screenshot(page: Page, path: Path, height: int | None = None) -> Path:
+    """The viewport, ``WIDTH`` wide and ``height`` (else ``HEIGHT``) tall, as a PNG."""
+    size = {"width": WIDTH, "height": height or HEIGHT}
+    if page.viewport_size != size:
+        page.set_viewport_size(size)
+        page.wait_for_timeout(SETTLE_S * 1000)
+    page.screenshot(path=path, type="png")
+    return path
 
 
 def _col(kind: str, key: str) -> str:
@@ -351,7 +332,7 @@ _METRICS_SELECT = """[...document.querySelectorAll('div')].find(e => e.childElem
     && e.textContent.trim() === 'Metrics:')?.nextElementSibling"""
 
 
-async def _tidy_compare(page: _Page, study: StudyRuns) -> None:
+def _tidy_compare(page: Page, study: StudyRuns) -> None:
     """Plot the objective metrics in the parallel coordinates, show only the values that differ.
 
     The parallel coordinates get the metrics every trial logged (a trial stopped early has no
@@ -361,67 +342,50 @@ async def _tidy_compare(page: _Page, study: StudyRuns) -> None:
     """
     remove = f"({_METRICS_SELECT})?.querySelector('.du-bois-light-select-selection-item-remove')"
     for _ in range(20):  # the UI preselects one metric; drop whatever is selected
-        if not await page.click(remove):
+        if not _click(page, remove):
             break
     for metric in study.plot_metrics:
-        if await page.click(f"({_METRICS_SELECT})?.querySelector('.du-bois-light-select-selector')"):
-            await page.type(metric)
-            await page.key("Enter", 13)
-    await page.key("Escape", 27)
+        if _click(page, f"({_METRICS_SELECT})?.querySelector('.du-bois-light-select-selector')"):
+            _type(page, metric)
+            _key(page, "Enter")
+    _key(page, "Escape")
     for section in ("Parameters", "Metrics", "Tags"):
-        await page.click(
-            f"document.querySelector('[role=switch][aria-label=\"{section} - Show diff only\"]')"
-        )
-    await page.click(
-        "[...document.querySelectorAll('[role=button][aria-expanded=true]')].find(h => h.innerText.trim() === 'Artifacts')"
+        _click(page, f"document.querySelector('[role=switch][aria-label=\"{section} - Show diff only\"]')")
+    _click(
+        page,
+        "[...document.querySelectorAll('[role=button][aria-expanded=true]')].find(h => h.innerText.trim() === 'Artifacts')",
     )
-    await page.eval("window.scrollTo(0, 0); document.querySelector('main')?.scrollTo(0, 0)")
-    await asyncio.sleep(SETTLE_S)
+    page.evaluate("() => { window.scrollTo(0, 0); document.querySelector('main')?.scrollTo(0, 0); }")
+    page.wait_for_timeout(SETTLE_S * 1000)
 
 
-async def _page_height(page: _Page, most: int = 4000) -> int:
+def _page_height(page: Page, most: int = 4000) -> int:
     """The height that shows the whole page, whose content scrolls inside ``<main>``."""
-    h = await page.eval(
-        """(() => { const m = document.querySelector('main'); if (!m) return document.body.scrollHeight;
-            return m.getBoundingClientRect().top + m.scrollHeight + 24; })()"""
+    h = page.evaluate(
+        """() => { const m = document.querySelector('main'); if (!m) return document.body.scrollHeight;
+            return m.getBoundingClientRect().top + m.scrollHeight + 24; }"""
     )
     return int(min(max(h or HEIGHT, HEIGHT), most))
 
 
-async def _drive(devtools_port: int, base: str, study: StudyRuns, out_dir: Path) -> list[Path]:
-    import aiohttp
+def _drive(page: Page, base: str, study: StudyRuns, out_dir: Path) -> list[Path]:
+    page.goto(f"{base}/health", wait_until="commit")  # same origin: seed the UI's persisted state
+    _wait_for_text(page, ["OK"], "the health page")
+    page.evaluate(
+        "state => { for (const [k, v] of Object.entries(state)) localStorage.setItem(k, v); }",
+        ui_state(study),
+    )
 
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{devtools_port}/json/list") as r:
-            targets = await r.json(content_type=None)
-        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
-        async with http.ws_connect(ws_url, max_msg_size=0) as ws:
-            page = _Page(ws)
-            await page.call(
-                "Emulation.setDeviceMetricsOverride",
-                width=WIDTH,
-                height=HEIGHT,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
-            await page.goto(f"{base}/health")  # same origin: seed the UI's persisted state
-            await page.wait_for_text(["OK"], "the health page")
-            await page.eval(
-                f"(() => {{ for (const [k, v] of Object.entries({json.dumps(ui_state(study))})) localStorage.setItem(k, v); }})()"
-            )
+    page.goto(runs_url(base, study), wait_until="commit")
+    names = list(study.children.values()) if len(study.children) <= MAX_WAIT_ROWS else []
+    _wait_for_text(page, [study.parent_name, *names, *study.params, *study.metrics], "the study's runs list")
+    shots = [_screenshot(page, out_dir / RUNS_PNG)]
 
-            await page.goto(runs_url(base, study))
-            names = list(study.children.values()) if len(study.children) <= MAX_WAIT_ROWS else []
-            await page.wait_for_text(
-                [study.parent_name, *names, *study.params, *study.metrics], "the study's runs list"
-            )
-            shots = [await page.screenshot(out_dir / RUNS_PNG)]
-
-            await page.goto(compare_url(base, study))
-            compared = [study.children[i] for i in study.compare]
-            await page.wait_for_text([*compared, *study.params], "the compare view")
-            await _tidy_compare(page, study)
-            shots.append(await page.screenshot(out_dir / COMPARE_PNG, height=await _page_height(page)))
+    page.goto(compare_url(base, study), wait_until="commit")
+    compared = [study.children[i] for i in study.compare]
+    _wait_for_text(page, [*compared, *study.params], "the compare view")
+    _tidy_compare(page, study)
+    shots.append(_screenshot(page, out_dir / COMPARE_PNG, height=_page_height(page)))
     return shots
 
 
@@ -437,8 +401,8 @@ def capture(tracking_db: Path, experiment: str, out_dir: Path, port: int | None 
     study = study_runs(f"sqlite:///{tracking_db.resolve()}", experiment)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with serve(tracking_db, port) as base, browser(chromium) as devtools_port:
-        return asyncio.run(_drive(devtools_port, base, study, out_dir))
+    with serve(tracking_db, port) as base, browser(chromium) as page:
+        return _drive(page, base, study, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
