@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from amdim import data as data_mod
-from amdim import trainer
+from amdim import speed, trainer
 from amdim.augment import BatchedTwoViews
 from amdim.config import Config, from_flat, to_flat, with_overrides
 from amdim.errors import UserError
@@ -64,8 +64,8 @@ def baseline_config(cfg: Config) -> Config:
     """``cfg`` with every speed option off: fp32, no channels_last, eager, non-fused Adam."""
     return replace(
         cfg,
-        train=replace(cfg.train, amp="off", channels_last=False, compile=False),
-        optim=replace(cfg.optim, fused=False),
+        train=replace(cfg.train, amp="off", channels_last="false", compile=False),
+        optim=replace(cfg.optim, fused="false"),
     )
 
 
@@ -119,11 +119,12 @@ class _Stepper:
         self.cfg, self.device, self.batch = cfg, device, batch
         torch.manual_seed(trainer.epoch_seed(cfg.train.seed, -1, 0))  # the same weights for both runs
         core = AMDIM(cfg.model, cfg.loss, n_classes).to(device)
-        if cfg.train.channels_last:
+        self.options = speed.resolve(cfg.train, cfg.optim, device)
+        if self.options.channels_last:
             core = core.to(memory_format=torch.channels_last)
         optimizer = trainer.build_optimizer(core, cfg, device)
         scheduler = trainer.build_scheduler(optimizer, cfg, n_steps)
-        model = torch.compile(core) if cfg.train.compile else core
+        model = torch.compile(core, backend=cfg.train.compile_backend) if cfg.train.compile else core
         self.state = trainer.TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
         self.dist = trainer.DistContext()
         self.losses: list[float] = []
@@ -343,13 +344,9 @@ def run_bench(
         "peak_memory_kind": peak_kind,
         "loss_first_step": fast.losses[0],
         "baseline_loss_first_step": base.losses[0],
-        "options": {
-            "amp": cfg.train.amp,
-            "autocast_dtype": str(trainer.amp_dtype(cfg.train.amp, dev) or torch.float32),
-            "channels_last": cfg.train.channels_last,
-            "compile": cfg.train.compile,
-            "fused_adam": fast.fused,
-        },
+        # The options the step ran with and why (amdim.speed: "auto" decided by this machine).
+        "options": {**fast.options.as_dict(), "fused_adam": fast.fused},
+        "cpu": speed.cpu_description() if dev.type == "cpu" else None,
     }
     if data:
         data_times = _data_batched(cfg, bundle, images, dev, steps, warmup)
@@ -515,12 +512,7 @@ def run_shared_bench(
         "batch": batch_size,
         "steps": steps,
         "warmup": warmup,
-        "options": {
-            "amp": cfg.train.amp,
-            "channels_last": cfg.train.channels_last,
-            "compile": cfg.train.compile,
-            "fused": cfg.optim.fused,
-        },
+        "options": speed.resolve(cfg.train, cfg.optim, dev).as_dict(),
         "arrangements": rows,
         "git_sha": _git_sha(),
         "finished_at": _now(),

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from amdim import checkpoint as ckpt_io
 from amdim import data as data_mod
+from amdim import speed
 from amdim.augment import build_two_views
 from amdim.config import Config, to_flat
 from amdim.distributed import all_gather_with_grad
@@ -43,10 +44,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 on CPU unless asked (CPU bf16 is slow on most CPUs)."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of ``train.amp`` on ``device`` (None: fp32); see amdim.speed."""
+    from amdim.config import OptimConfig, TrainConfig
+
+    return speed.resolve(TrainConfig(amp=amp), OptimConfig(), device).amp
 
 
 class LRSchedule:
@@ -73,7 +74,7 @@ def milestone_epochs(cfg: Config) -> list[int]:
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Adam:
     """Adam (0.8, 0.999), eps 1e-8, coupled L2 weight decay on every parameter (spec 7)."""
     o = cfg.optim
-    fused = o.fused and device.type in ("cuda", "cpu")  # torch has a fused Adam for both
+    fused = speed.resolve(cfg.train, o, device).fused and device.type in ("cuda", "cpu")  # torch fuses both
     return torch.optim.Adam(
         model.parameters(),
         lr=o.lr,
@@ -218,7 +219,8 @@ def train_one_epoch(
     ``on_step(state, i)`` runs after the i-th optimiser step of the epoch (a test hook).
     """
     state.model.train()
-    dtype = amp_dtype(cfg.train.amp, device)
+    options = speed.resolve(cfg.train, cfg.optim, device)
+    dtype = options.amp
     gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank) + 1)
     sums: dict[str, Tensor] = {}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
@@ -229,7 +231,7 @@ def train_one_epoch(
         if cfg.train.max_steps_per_epoch and i >= cfg.train.max_steps_per_epoch:
             break
         x1, x2, labels = _views(batch, two_views, device, gen)
-        if cfg.train.channels_last:
+        if options.channels_last:
             x1, x2 = (
                 x1.contiguous(memory_format=torch.channels_last),
                 x2.contiguous(memory_format=torch.channels_last),
@@ -416,7 +418,7 @@ def fit(
         keep[val_idx] = False
         train_idx = keep.nonzero().flatten()
     core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
-    if cfg.train.channels_last:
+    if speed.resolve(cfg.train, cfg.optim, device).channels_last:
         core = core.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(core, cfg, device)
     steps_per_epoch = data_mod.steps_per_epoch(bundle, cfg.data, dist.world_size)
@@ -425,7 +427,7 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     model: nn.Module = core
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.train.compile_backend)
     if wrap_model is not None:
         model = wrap_model(model)
     state = TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)

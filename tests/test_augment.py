@@ -237,7 +237,7 @@ def test_output_shapes_dtypes_and_devices(device):
     assert w1.shape == w2.shape == (3, 64, 64) and w1.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_for_the_same_parameters():
     bt = BatchedTwoViews(replace(AUG_STL10, jitter_p=1.0), 64, MEAN, STD)
     x = images(16, 96, 96)

@@ -347,7 +347,7 @@ def test_prefetcher_passes_batches_through_off_cuda(small):
         assert torch.equal(x, px) and torch.equal(y, py)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_prefetcher_delivers_pinned_batches_on_the_gpu_in_order(small):
     cuda = torch.device("cuda")
     for impl in (AUG_CIFAR, TV):
