@@ -75,11 +75,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from amdim.harness.local import train_local
 
         result = train_local(
-            cfg, out, resume=args.resume, probe=not args.no_probe, experiment=args.experiment
-        )
+            cfg, out, resume=args.resume, probe=not args.no_probe,
+            experiment=None if args.no_track else args.experiment,
+        )  # fmt: skip
     else:
         from amdim.harness.ray_train import train_ray
 
+        if args.no_track:
+            raise UserError("--no-track is for --local runs; a Ray run is always recorded in MLflow")
         result = train_ray(
             cfg,
             out,
@@ -101,6 +104,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--checkpoint PATH``, or the checkpoint an MLflow run's ``checkpoint_path`` tag names."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    from amdim.harness.tracking import run_checkpoint
+
+    return run_checkpoint(args.run)
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from amdim import checkpoint as ckpt_io
     from amdim import data as data_mod
@@ -108,6 +120,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from amdim.config import parse_set_args, with_overrides
     from amdim.linear_eval import evaluate_encoder
 
+    args.checkpoint = _checkpoint_path(args)
     payload = ckpt_io.load(args.checkpoint)
     device = trainer.resolve_device(args.device)
     model, cfg = trainer.model_from_checkpoint(payload, device)
@@ -130,6 +143,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from amdim import data as data_mod
     from amdim import evaluate, trainer
 
+    args.checkpoint = _checkpoint_path(args)
     payload = ckpt_io.load(args.checkpoint)
     device = trainer.resolve_device(args.device)
     model, cfg = trainer.model_from_checkpoint(payload, device)
@@ -171,6 +185,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on a study's Optuna database, on 127.0.0.1 unless told otherwise."""
+    from amdim.harness import study
+
+    db = study.study_dir(args.name) / "optuna.db"
+    if not db.is_file():
+        raise UserError(f"no Optuna database for a study named '{args.name}' under {study.storage_root()}")
+    from optuna_dashboard import run_server
+
+    storage = study.optuna_storage(args.name)
+    print(
+        f"optuna-dashboard for study '{args.name}' ({db}) at http://{args.host}:{args.port} (Ctrl-C stops it)",
+        flush=True,
+    )
+    try:
+        run_server(storage, host=args.host, port=args.port)  # wsgiref: nothing written under $HOME
+    except OSError as exc:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -207,6 +244,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data=not args.no_data,
         peak_tflops=args.peak_tflops,
     )
+    options = result["options"]
+    for key in ("amp", "channels_last", "fused", "compile"):  # for people; the JSON has the same
+        value = options["fused_adam"] if key == "fused" else options[key]
+        print(f"amdim bench: {key} = {value}: {options['why'][key]}", file=sys.stderr)
     print(json.dumps(result, indent=2, default=json_default))
     return 0
 
@@ -222,14 +263,25 @@ def cmd_study(args: argparse.Namespace) -> int:
             overrides["data.spec"] = args.data
         elif args.smoke_test:
             overrides["data.spec"] = "synthetic"  # the smoke variant trains on generated data anyway
-        spec = load_spec(args.spec, overrides)
+        spec = load_spec(args.spec, overrides, args.spec_sets)
         if args.smoke_test:
             spec = smoke_variant(spec, keep_data=bool(args.data))
         summary = study.run_study(spec)
     elif args.study_command == "resume":
         summary = study.run_study(study.load_study_spec(args.name))
+    elif args.study_command == "export":
+        info = study.export_best(args.name, Path(args.out))
+        spread = f" ± {info['std']:.4f}" if info["std"] is not None else ""
+        print(
+            f"best configuration {info['config_id']} ({info['setting'] or 'sampled'}): {info['metric']} "
+            f"{info['mean']:.4f}{spread} over {info['n_seeds']} seed(s); run {info['run_id']}"
+        )
+        print(f"wrote {args.out}/checkpoint.pt, config.json and export.json")
+        return 0
     elif args.study_command == "confirm":
-        summary = study.run_confirm(args.name, args.top, args.seeds)
+        if args.settings and args.top is not None:
+            raise UserError("--settings confirms every labelled setting; it takes no --top")
+        summary = study.run_confirm(args.name, args.top, args.seeds, settings=args.settings)
     else:
         summary = study.study_status(args.name)
         if args.json:
@@ -305,6 +357,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     p.add_argument("--experiment", default="amdim", help="MLflow experiment name")
+    p.add_argument(
+        "--no-track",
+        action="store_true",
+        help="with --local: record nothing in MLflow (a torch-only machine)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe")
     p.add_argument("--smoke-test", action="store_true", help="one epoch of two steps, a 2-epoch probe")
@@ -317,7 +374,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("probe", help="offline linear probe of a checkpoint's frozen encoder")
-    p.add_argument("--checkpoint", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint.pt")
+    which.add_argument("--run", metavar="RUN_ID", help="the MLflow run whose final checkpoint to probe")
     p.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="auto")
@@ -325,7 +384,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("segment", help="write mixture-component maps over test images as a PNG grid")
-    p.add_argument("--checkpoint", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint.pt")
+    which.add_argument("--run", metavar="RUN_ID", help="the MLflow run whose final checkpoint to use")
     p.add_argument("--data", help="data spec (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="PNG path")
@@ -337,6 +398,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
+    p = sub.add_parser(
+        "dashboard", help="optuna-dashboard on a study's Optuna database (127.0.0.1 by default)"
+    )
+    p.add_argument("name", help="the study's name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("study", help="hyperparameter studies: Ray Tune + Optuna + ASHA, tracked in MLflow")
     ssub = p.add_subparsers(dest="study_command", required=True)
     q = ssub.add_parser("run", help="start a study from a spec, or continue it if it exists")
@@ -344,15 +413,28 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoke-test", action="store_true", help="same space, tiny model/data/budget")
     q.add_argument("--data", help="data spec for the base config (overrides the spec's)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument(
+        "--spec-set", dest="spec_sets", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a spec field: budget.trials=12, scheduler.type=none, name=NAME, base.preset=tiny, ...",
+    )  # fmt: skip
+    q = ssub.add_parser("export", help="copy the best configuration's checkpoint, config and run id out")
+    q.add_argument("name")
+    q.add_argument("--out", required=True, help="folder for checkpoint.pt, config.json and export.json")
     q = ssub.add_parser("resume", help="continue a study after its driver stopped")
     q.add_argument("name")
     q = ssub.add_parser("status", help="trials by state, and the best so far")
     q.add_argument("name")
     q.add_argument("--json", action="store_true")
-    q = ssub.add_parser("confirm", help="rerun the K best configurations with S new seeds each")
+    q = ssub.add_parser(
+        "confirm", help="rerun the K best configurations (or every labelled setting) with S new seeds each"
+    )
     q.add_argument("name")
     q.add_argument("--top", type=int, default=None, help="configurations (default: the spec's confirm.top)")
     q.add_argument("--seeds", type=int, default=None, help="seeds each (default: the spec's confirm.seeds)")
+    q.add_argument(
+        "--settings", action="store_true",
+        help="rerun every labelled setting of the spec (its points: the paper's ablation cells) instead",
+    )  # fmt: skip
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="tables (csv, md, tex) and plots of a study, or several with --compare")
@@ -398,9 +480,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
+    import os
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
+    # MLflow sets its loggers' level when imported (later, lazily); this is the level it reads then.
+    # Not "Creating initial MLflow database tables" or "Started monitoring system metrics" on every run.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -98,8 +98,29 @@ class AugConfig:
         )
 
 
+# An on/off option whose "auto" is decided per device (amdim.speed); true/false as given.
+Switch = typing.Literal["auto", "true", "false"]
+
 # The dataset kinds a data spec ("kind:path,...") may name; loaded by amdim.data.load_data.
 DATA_KINDS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "npz")
+
+
+def data_spec_problem(spec: str) -> str | None:
+    """What is wrong with a data spec that can be seen without loading it (an unknown kind, a
+    missing path), or None. Cheap: a launcher checks this before it starts any process."""
+    from pathlib import Path
+
+    kind, _, rest = spec.strip().partition(":")
+    if kind not in DATA_KINDS:
+        return f"unknown dataset kind {kind!r} in {spec!r} (allowed: {', '.join(DATA_KINDS)})"
+    if kind == "synthetic":
+        return None
+    path = rest.split(",")[0]
+    if not path:
+        return f"{kind} needs a path, e.g. {kind}:/data/{kind}"
+    if not Path(path).expanduser().exists():
+        return f"dataset path {path} does not exist (data spec {spec!r})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ class OptimConfig:
     warmup_steps: int = 500
     milestones: tuple[float, ...] = (250 / 300, 280 / 300)
     gamma: float = 0.2
-    fused: bool = False
+    fused: Switch = "auto"  # fused Adam: auto = as measured for the device (amdim.speed)
 
 
 @dataclass(frozen=True)
@@ -142,9 +163,14 @@ class TrainConfig:
     epochs: int = 300
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
-    channels_last: bool = False
+    # The speed options; "auto" resolves by what the machine reports (amdim.speed): bf16 on CUDA
+    # and on CPUs with native bf16 (AMX-BF16 / AVX512-BF16); channels_last as measured per device.
+    amp: str = "auto"  # auto | bf16 | off
+    channels_last: Switch = "auto"
     compile: bool = False
+    # torch.compile's backend when train.compile is on: inductor (generated kernels), or e.g. eager
+    # (graph capture only: how scripts/gpu-check --dry-run keeps its CPU rehearsal short).
+    compile_backend: str = "inductor"
     log_every: int = 50
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (smoke tests)
     # Spec 6.2: before each online evaluation, refresh the BN running statistics with forward
@@ -165,6 +191,9 @@ class TrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_bank: int = 10000
+    # MLflow system metrics (CPU and memory use, and GPU utilisation where a GPU is present)
+    # sampled every this many seconds while the run trains; 0 switches them off.
+    system_metrics_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -293,6 +322,8 @@ ADDED_KEYS = (
     "train.knn_k",
     "train.knn_temperature",
     "train.knn_bank",
+    "train.system_metrics_s",
+    "train.compile_backend",
 )
 
 
@@ -332,6 +363,15 @@ def _parse_scalar(key: str, typ: Any, value: Any) -> Any:
         else:
             items = [value]
         return tuple(_parse_scalar(key, inner, v) for v in items)
+    if origin is typing.Literal and set(args) == {"auto", "true", "false"}:  # a Switch
+        word = str(value).strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in _TRUE_WORDS:
+            return "true"
+        if word in _FALSE_WORDS:
+            return "false"
+        raise ConfigError(f"{key}: expected auto, true or false, got '{value}'")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -498,7 +538,10 @@ def validate(cfg: Config) -> Config:
         t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got '{t.device}'"
     )
     _check(t.amp in ("auto", "bf16", "off"), "train.amp", f"must be auto, bf16 or off, got '{t.amp}'")
+    for key, value in (("train.channels_last", t.channels_last), ("optim.fused", o.fused)):
+        _check(value in ("auto", "true", "false"), key, f"must be auto, true or false, got '{value}'")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _check(bool(t.compile_backend.strip()), "train.compile_backend", "must name a torch.compile backend")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
     _check(
         t.eval_bn_warmup in ("off", "eval", "train"),
@@ -509,6 +552,9 @@ def validate(cfg: Config) -> Config:
     _check(t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}")
     _check(t.knn_temperature > 0, "train.knn_temperature", f"must be > 0, got {t.knn_temperature}")
     _check(t.knn_bank >= 0, "train.knn_bank", f"must be >= 0 (0 = no kNN), got {t.knn_bank}")
+    _check(
+        t.system_metrics_s >= 0, "train.system_metrics_s", f"must be >= 0 (0 = off), got {t.system_metrics_s}"
+    )
 
     _check(p.epochs >= 1, "probe.epochs", f"must be >= 1, got {p.epochs}")
     _check(p.batch_size >= 1, "probe.batch_size", f"must be >= 1, got {p.batch_size}")

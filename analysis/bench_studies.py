@@ -199,7 +199,7 @@ def search(args) -> dict:
         results[name] = {"wall_s": round(time.perf_counter() - t0, 1), "spec": spec}
     grid_spec = results["proxy-grid"]["spec"]
     metric = grid_spec.rank_metric
-    grid = optuna.load_study(study_name="proxy-grid", storage=study.optuna_url("proxy-grid"))
+    grid = optuna.load_study(study_name="proxy-grid", storage=study.optuna_storage("proxy-grid"))
     grid_done = [t for t in grid.trials if t.value is not None]
     best = max(t.value for t in grid_done)
     grid_epochs = len(grid.trials) * grid_spec.budget.epochs
@@ -220,7 +220,7 @@ def search(args) -> dict:
             spent += 1
         elif kind == "final" and value >= best - 0.01 and hit is None:
             hit = {"epochs_spent": spent, "value": value, "run_id": run_id}
-    tpe = optuna.load_study(study_name="proxy-tpe", storage=study.optuna_url("proxy-tpe"))
+    tpe = optuna.load_study(study_name="proxy-tpe", storage=study.optuna_storage("proxy-tpe"))
     tpe_total = sum(
         len({m.step for m in client.get_metric_history(r.info.run_id, "epoch")}) for r in children
     )

@@ -50,12 +50,12 @@ def metric_by_epoch(client, run_id: str, key: str) -> dict[int, float]:
 def _optuna_numbers(name: str) -> dict[str, int]:
     import optuna
 
-    from amdim.harness.study import optuna_url, study_dir
+    from amdim.harness.study import optuna_storage, study_dir
 
     if not (study_dir(name) / "optuna.db").is_file():
         return {}
     try:
-        study = optuna.load_study(study_name=name, storage=optuna_url(name))
+        study = optuna.load_study(study_name=name, storage=optuna_storage(name))
     except KeyError:
         return {}
     return {t.user_attrs["tune_trial_id"]: t.number for t in study.trials if "tune_trial_id" in t.user_attrs}
@@ -143,12 +143,12 @@ def importances(name: str, trials: pd.DataFrame, metric: str) -> tuple[dict[str,
     below two complete search trials, where no importance can be measured."""
     import optuna
 
-    from amdim.harness.study import optuna_url, study_dir
+    from amdim.harness.study import optuna_storage, study_dir
     from analysis.plots import importance_from_trials
 
     if (study_dir(name) / "optuna.db").is_file():
         try:
-            study = optuna.load_study(study_name=name, storage=optuna_url(name))
+            study = optuna.load_study(study_name=name, storage=optuna_storage(name))
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             if len(done) >= 3 and len(study.best_trial.params) >= 1:
                 return dict(optuna.importance.get_param_importances(study)), "optuna fANOVA"

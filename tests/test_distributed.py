@@ -13,6 +13,8 @@ targets with :func:`all_gather_with_grad` and backpropagates its own loss. Expec
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -106,3 +108,30 @@ def test_gather_is_identity_without_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert world() == (0, 1)
     assert all_gather_with_grad(x) is x
+
+
+def _divergence_worker(rank, store_path, out_dir):
+    from amdim.errors import DivergedError
+    from amdim.trainer import DistContext, _check_finite
+
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        ctx = DistContext(rank, WORLD)
+        _check_finite(torch.tensor(-1), ctx, epoch=2, epoch_start_step=10)  # nobody diverged: no error
+        # Only rank 1 saw a non-finite loss, at global step 13: every rank must stop there together.
+        bad = torch.tensor(13 if rank == 1 else -1)
+        try:
+            _check_finite(bad, ctx, epoch=2, epoch_start_step=10)
+            outcome = "went on"
+        except DivergedError as exc:
+            outcome = f"stopped at epoch {exc.epoch} step {exc.step}"
+        (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    mp.spawn(_divergence_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert outcomes == ["stopped at epoch 2 step 3"] * WORLD

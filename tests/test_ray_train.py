@@ -183,6 +183,9 @@ def test_two_workers_match_single_process_for_one_step(store, monkeypatch):
         (["--workers", "2", "--gpus-per-worker", "0.5"], {}, "two DDP ranks on one GPU"),
         ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "does not answer"),
         (["--workers", "3", "--set", "data.batch_size=32"], {}, "divide"),
+        (["--data", "npz:/nonexistent/cifar.npz"], {}, "does not exist"),
+        (["--local", "--set", "train.device=cuda"], {}, "no CUDA GPU"),
+        (["--local", "--data", "npz:/nonexistent/cifar.npz"], {}, "no such file"),
     ],
 )
 def test_bad_requests_fail_in_one_line_before_any_work(store, monkeypatch, capsys, args, env, message):
@@ -197,7 +200,7 @@ def test_bad_requests_fail_in_one_line_before_any_work(store, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.count("\n") == 0 and message in err, err
-    assert not (out / "ray").exists() and not (store / "runs" / "mlflow.db").exists()
+    assert not out.exists() and not (store / "runs" / "mlflow.db").exists()  # nothing written
 
 
 def test_ui_command_points_at_the_store(store, monkeypatch, capsys):

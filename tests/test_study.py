@@ -23,13 +23,14 @@ from amdim.config import preset, to_flat
 from amdim.harness.trial import registered_checkpoints
 
 SMOKE = ROOT / "studies" / "smoke.yaml"
+COMPLETE = optuna.trial.TrialState.COMPLETE
 
 # The two ways a trial trains: the shipped smoke spec has one worker per trial, so its trials
-# train in their Tune actors; its 2-worker variant keeps one Ray Train job per trial (fewer and
-# shorter trials: each pays the Train job's start-up).
+# train in their Tune actors; its 2-worker variant keeps one Ray Train job per trial (one shorter
+# trial: each pays the Train job's start-up; ASHA and Optuna's states are the Tune path's tests).
 TRAIN_PATH = {
     "name": "smoke-train",
-    "budget": {"trials": 2, "epochs": 2, "max_concurrent": 2, "workers": 2, "cpus_per_worker": 0.25},
+    "budget": {"trials": 1, "epochs": 2, "max_concurrent": 1, "workers": 2, "cpus_per_worker": 0.5},
 }
 
 
@@ -50,7 +51,7 @@ def _optuna(runs: Path, name: str) -> optuna.Study:
 
 def _checkpoint(run) -> dict:
     """The trial's latest checkpoint, where its MLflow run says Ray stored it."""
-    path = Path(run.data.tags["checkpoint_path"]) / "checkpoint.pt"
+    path = Path(run.data.tags["checkpoint_path"])
     assert path.is_file(), path
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -105,6 +106,12 @@ def test_smoke_study_runs_every_trial_to_a_final_state(either):
     assert {r.data.tags["trial_path"] for r in children} == {path}
     for run in children:  # the driver measured every trial's start-up
         assert run.data.metrics["startup_s"] > 0
+        # How busy the machine was: every finished trial, and on the Tune path (where ASHA stops a
+        # trial inside its own process) every early-stopped one too.
+        if path == "tune" or run.data.tags["state"] == "complete":
+            assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100, run.info.run_name
+    parent = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(_children(runs, name)[1])
+    assert "system/cpu_utilization_percentage" in parent.data.metrics
 
 
 def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(either):
@@ -113,7 +120,7 @@ def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(either):
     study = _optuna(runs, name)
     assert client.get_run(parent).data.tags["kind"] == "study"
     assert client.get_run(parent).info.status == "FINISHED"
-    assert len(children) == len(study.trials) >= 2
+    assert len(children) == len(study.trials) >= 1
     by_trial = {r.data.tags["tune_trial_id"]: r for r in children}
     assert len(by_trial) == len(children)  # one child per Tune trial
     sampled_sets = []
@@ -234,7 +241,18 @@ RESUME_SPEC = {
             "probe.weight_decays": "0",
         },
     },
-    "search": {"loss.reg_weight": {"type": "float", "low": 0.0, "high": 0.1}},
+    "search": {
+        "loss.reg_weight": {"type": "float", "low": 0.0, "high": 0.1},
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 1e8, "log": True},
+        "loss.tclip": {"type": "choice", "values": [20.0, "off"]},
+    },
+    # Run in this order (one at a time). The third is the issue's recipe for a run that diverges
+    # within a few steps: a huge learning rate with both NCE stabilisers off.
+    "points": [
+        {"label": "first", "loss.reg_weight": 0.05, "optim.lr": 2e-4, "loss.tclip": 20.0},
+        {"label": "second", "loss.reg_weight": 0.02, "optim.lr": 2e-4, "loss.tclip": 20.0},
+        {"label": "diverges", "loss.reg_weight": 0.0, "optim.lr": 1e8, "loss.tclip": "off"},
+    ],
     "budget": {"trials": 3, "epochs": 4, "max_concurrent": 1, "workers": 1, "cpus_per_worker": 1},
     "scheduler": {"type": "none"},
     "sampler": {"type": "random", "seed": 3},
@@ -276,12 +294,15 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("path", ["tune", pytest.param("train", marks=pytest.mark.slow)])
-def test_killed_trial_and_killed_driver_resume_without_rerunning_or_duplicating(tmp_path, path):
-    """Two crashes in one study: the process training the first trial is killed mid-way through
+def test_a_study_survives_a_killed_trial_a_killed_driver_and_a_diverged_trial(
+    tmp_path, path, monkeypatch, capsys
+):
+    """Three mishaps in one study. The process training the first trial is killed mid-way through
     its epoch 2 (its Tune actor, or its Train worker): the trial restarts from its epoch-1
-    checkpoint and finishes. Later the driver is killed while the second trial trains: running
-    the spec again reruns no finished trial, duplicates no child run, and the interrupted trial
-    continues from its last saved checkpoint."""
+    checkpoint and finishes. The driver is killed while the second trial trains: running the spec
+    again reruns no finished trial, duplicates no child run, and the interrupted trial continues
+    from its last saved checkpoint. The third trial's loss stops being finite: it ends diverged
+    (MLflow FAILED, Optuna FAIL), the study goes on and ends normally, and the report counts it."""
     from amdim.harness.trial import FAULT_ENV
 
     runs, marker = tmp_path / "runs", tmp_path / "killed"
@@ -340,9 +361,12 @@ def test_killed_trial_and_killed_driver_resume_without_rerunning_or_duplicating(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming the search stage" in again.stdout
 
+    assert "diverged (non-finite loss at epoch 1, step" in again.stdout
     after = _optuna(runs, "resume").trials
     assert len(after) == spec["budget"]["trials"]  # the study continued its history
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
+    states = {t.number: t.state for t in after}
+    assert states == {0: COMPLETE, 1: COMPLETE, 2: optuna.trial.TrialState.FAIL}
+    assert after[2].user_attrs["state"] == "diverged" and not after[2].intermediate_values
     client, _, children = _children(runs, "resume")
     by_tune_id = {r.data.tags["tune_trial_id"]: r for r in children}
     by_number = {t.number: by_tune_id[t.user_attrs["tune_trial_id"]] for t in after}
@@ -364,6 +388,18 @@ def test_killed_trial_and_killed_driver_resume_without_rerunning_or_duplicating(
         assert restarts and min(restarts) >= 1, (restarts, resumed)  # restarted from a checkpoint
         assert all(v == 0 or v in restarts for v in resumed)
         assert run.data.tags["state"] == "complete"
+    diverged = by_number[2]
+    assert (diverged.data.tags["state"], diverged.info.status) == ("diverged", "FAILED")
+    assert diverged.data.tags["diverged_at"].startswith("epoch 1 step")
+    assert "probe_val_accuracy" not in diverged.data.metrics and "checkpoint_path" not in diverged.data.tags
+    rc, _, err = _amdim_here(
+        runs, monkeypatch, capsys, "report", "resume", "--format", "csv", "--out", str(tmp_path / "r")
+    )
+    assert rc == 0, err
+    import pandas as pd
+
+    counts = pd.read_csv(tmp_path / "r" / "states.csv").set_index("stage").loc["search"]
+    assert (counts["complete"], counts["diverged"], counts["total"]) == (2, 1, 3)
 
 
 def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
@@ -406,3 +442,92 @@ def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     )
     assert rc == 0, err
     assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_export_takes_the_best_configuration_out_and_probe_and_segment_find_checkpoints_by_run(
+    smoke, tmp_path, monkeypatch, capsys
+):
+    """The best configuration by the rank metric (never the test set) leaves the study folder as
+    a checkpoint, its config and its run id; probe and segment find a run's checkpoint by its id."""
+    from amdim import checkpoint as ckpt_io
+
+    runs, _, name = smoke
+    out = tmp_path / "best"
+    rc, text, err = _amdim_here(runs, monkeypatch, capsys, "study", "export", name, "--out", str(out))
+    assert rc == 0, err
+    info = json.loads((out / "export.json").read_text())
+    client, _, children = _children(runs, name)
+    complete = [r for r in children if r.data.tags["state"] == "complete"]
+    by_config: dict[str, list] = {}
+    for r in complete:
+        by_config.setdefault(r.data.tags["config_id"], []).append(r)
+
+    def score(members):  # confirm-stage seeds where the confirm stage ran the configuration
+        used = [r for r in members if r.data.tags["stage"] == "confirm"] or members
+        return sum(r.data.metrics["probe_val_accuracy"] for r in used) / len(used)
+
+    best_config = max(by_config, key=lambda c: score(by_config[c]))
+    assert info["config_id"] == best_config and info["metric"] == "probe_val_accuracy"
+    assert info["mean"] == pytest.approx(score(by_config[best_config]))
+    assert info["run_id"] in {r.info.run_id for r in by_config[best_config]} and info["run_id"] in text
+    payload = ckpt_io.load(out / "checkpoint.pt")
+    run = client.get_run(info["run_id"])
+    assert json.loads((out / "config.json").read_text()) == payload["config"]
+    assert {k: str(v) for k, v in payload["config"].items()} == run.data.params  # the run's config
+    # probe --run finds the same checkpoint through the run's tag.
+    rc, text, err = _amdim_here(runs, monkeypatch, capsys, "probe", "--run", info["run_id"], "--json")
+    assert rc == 0, err
+    assert json.loads(text)["checkpoint"] == run.data.tags["checkpoint_path"]
+    # segment --run on a run without mixtures, or an unknown run: one line each.
+    rc, _, err = _amdim_here(
+        runs, monkeypatch, capsys, "segment", "--run", info["run_id"], "--out", str(tmp_path / "s.png")
+    )
+    assert rc == 2 and "trained without mixtures" in err and err.count("\n") == 1
+    rc, _, err = _amdim_here(runs, monkeypatch, capsys, "probe", "--run", "0" * 32)
+    assert rc == 2 and "not found" in err
+
+
+def test_segment_by_run_id_of_a_mixture_run(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    rc, text, err = _amdim_here(
+        runs, monkeypatch, capsys, "train", "--local", "--preset", "tiny", "--epochs", "1", "--no-probe",
+        "--data", "synthetic:n_train=128,n_test=32", "--out", str(tmp_path / "mix"),
+        "--set", "loss.n_mix=2", "--set", "train.max_steps_per_epoch=2", "--set", "data.batch_size=16",
+    )  # fmt: skip
+    assert rc == 0, err
+    run_id = json.loads((tmp_path / "mix" / "metrics.json").read_text())["run_id"]
+    png = tmp_path / "seg.png"
+    rc, text, err = _amdim_here(
+        runs, monkeypatch, capsys, "segment", "--run", run_id, "--out", str(png), "--n", "4"
+    )
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "2 components" in text
+
+
+def test_dashboard_serves_the_study_on_localhost(smoke):
+    import socket
+    import urllib.request
+
+    runs, _, name = smoke
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_amdim(runs, "dashboard", name, "--port", str(port))
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "the dashboard did not answer"
+        (listed,) = [s for s in body["study_summaries"] if s["study_name"] == name]
+        assert listed["directions"] == ["maximize"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    # An unknown study is one line.
+    bad = run_amdim(runs, "dashboard", "nope")
+    assert bad.returncode == 2 and "no Optuna database for a study named 'nope'" in bad.stderr

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from amdim import cli
-from amdim.harness.study_spec import canonical, load_spec, parse_spec, smoke_variant
+from amdim.harness.study_spec import SpecError, canonical, load_spec, parse_spec, smoke_variant
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SHIPPED = ["smoke", "augmentation", "nce", "multiscale", "mixture", "full"]
@@ -260,3 +260,69 @@ def test_asha_never_cuts_a_trial_at_its_last_epoch(epochs, grace, rf):
     )
     rungs = [m for bracket in sched.rungs() for m in bracket]
     assert rungs and max(rungs) < epochs and min(rungs) == grace
+
+
+def test_spec_sets_override_spec_fields_and_nothing_else(tmp_path):
+    spec = load_spec(
+        STUDIES / "nce.yaml",
+        {"data.spec": "synthetic"},
+        ["name=nce-small", "base.preset=tiny", "budget.trials=12", "budget.gpus_per_worker=0",
+         "budget.cpus_per_worker=0.75", "budget.epochs=8", "scheduler.type=none", "sampler.seed=3"],
+    )  # fmt: skip
+    assert spec.name == "nce-small" and spec.base_preset == "tiny" and spec.base.model.ndf == 32
+    assert (spec.budget.trials, spec.budget.epochs, spec.budget.gpus_per_worker) == (12, 8, 0.0)
+    assert spec.scheduler.type == "none" and spec.sampler.seed == 3
+    assert spec.keys == load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"}).keys  # same space
+    for bad, message in [
+        ("search.loss.tclip=5", "not a settable spec field"),
+        ("points=[]", "not a settable spec field"),
+        ("budget.trials", "expected FIELD=VALUE"),
+        ("budget.trials=many", "budget.trials: expected an integer"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"}, [bad])
+
+
+def test_a_spec_that_is_not_utf8_is_one_line_exit_2(isolated, capsys):
+    bad = isolated / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert cli.main(["study", "run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "latin1.yaml: not a UTF-8 text file" in err, err
+    assert not (isolated / "runs" / "mlflow.db").exists()
+
+
+def test_confirm_settings_reruns_every_labelled_setting_with_new_seeds(isolated):
+    import optuna
+
+    from amdim.harness.study import optuna_url, settings_points, study_dir
+
+    spec = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
+    study_dir("nce").mkdir(parents=True)
+    study = optuna.create_study(study_name="nce", storage=optuna_url("nce"), direction="maximize")
+    dists = {p.key: optuna.distributions.FloatDistribution(0.0, 0.2) for p in spec.search[:1]}
+    dists["loss.tclip"] = optuna.distributions.CategoricalDistribution(list(spec.search[1].values))
+    for point in spec.points[:2]:  # the first two settings ran in the search
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=dists, value=0.5))
+    points = settings_points(spec, seeds=3)
+    assert len(points) == 3 * len(spec.points)
+    for i, point in enumerate(spec.points):
+        runs = points[3 * i : 3 * i + 3]
+        assert all({k: r[k] for k in point} == point for r in runs)
+        assert [r["_seed"] for r in runs] == [spec.base.train.seed + s for s in (1, 2, 3)]
+        assert all(r.get("_source_trial") == (i if i < 2 else None) for r in runs)
+
+
+def test_confirm_settings_takes_no_top(isolated, capsys):
+    assert cli.main(["study", "confirm", "nce", "--settings", "--top", "2"]) == 2
+    assert "--settings confirms every labelled setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "smoke"])
+def test_research_specs_record_the_measured_signal_and_do_not_early_stop(name):
+    """docs/results.md: on real CIFAR-10 images no per-epoch signal ranked trials like the final
+    probe (Spearman rho >= 0.7) at a rung before the last epoch; the best one, the online linear
+    probe on the held-out split, is recorded as the online objective, and ASHA is off."""
+    spec = load_spec(STUDIES / f"{name}.yaml", {"data.spec": "synthetic"})
+    assert spec.online_metric == "val_acc_lin" and spec.base.data.online_val_fraction > 0
+    assert spec.scheduler.type == "none" and spec.rank_metric == "probe_val_accuracy"

@@ -7,6 +7,7 @@ named, an MLflow run like a Ray run's (see :mod:`amdim.harness.tracking`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -72,11 +73,19 @@ def train_local(
         if record is not None:
             record.log_metrics(metrics, step=int(metrics["epoch"]))
 
+    monitor = (
+        tracking.system_metrics(uri, record.run_id, cfg.train.system_metrics_s)
+        if record is not None
+        else contextlib.nullcontext()
+    )
     try:
         t0 = time.perf_counter()
-        state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log, device=device)
+        with monitor:
+            state = trainer.fit(cfg, bundle=bundle, resume=payload, on_epoch_end=save, log=log, device=device)
         train_time = time.perf_counter() - t0
         ckpt_io.save(ckpt_path, trainer.checkpoint_payload(cfg, state, bundle.n_classes))  # --epochs 0 too
+        if record is not None:
+            record.set_tags({"checkpoint_path": str(ckpt_path.resolve())})
         result: dict[str, Any] = {
             "config": flat,
             "epochs": state.epoch,

@@ -189,12 +189,16 @@ def train_ray(
     Leaves ``out/checkpoint.pt`` (final) and ``out/metrics.json`` like the local path, plus the Ray
     Train run under ``out/ray/``.
     """
+    from amdim import data as data_mod
+    from amdim.config import data_spec_problem
     from amdim.harness import tracking
 
+    # Everything checkable is checked before anything is written under ``out``.
     check_resources(workers, gpus_per_worker, cpus_per_worker)
+    if (problem := data_spec_problem(cfg.data.spec)) is not None:
+        raise UserError(f"data.spec: {problem}")
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
-    from amdim import data as data_mod
 
     cfg = with_overrides(
         cfg,
@@ -213,15 +217,15 @@ def train_ray(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     flat = to_flat(cfg)
-    (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
     t_init = time.perf_counter()
     started_ray = init_ray(log_to_driver=True, logging_level="WARNING")
     ray_init_s = time.perf_counter() - t_init
     record = None
     try:
         _check_cluster(workers, gpus_per_worker, cpus_per_worker)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
         device_tag = f"{workers}x " + (
             f"{gpus_per_worker:g} GPU ({torch.cuda.get_device_name(0)})" if gpus_per_worker else "CPU (gloo)"
         )
@@ -252,11 +256,14 @@ def train_ray(
             raise UserError(f"training failed after {max_failures} worker restarts: {first}") from None
         fit_s = time.perf_counter() - t_fit
         if (result.metrics or {}).get("diverged"):  # the workers stopped on a non-finite loss
-            raise DivergedError(int(result.metrics["diverged_at_epoch"]), int(result.metrics["diverged_at_step"]))
+            raise DivergedError(
+                int(result.metrics["diverged_at_epoch"]), int(result.metrics["diverged_at_step"])
+            )
         if result.checkpoint is None:
             raise UserError("training produced no checkpoint")
         with result.checkpoint.as_directory() as d:
             shutil.copyfile(Path(d) / "checkpoint.pt", out / "checkpoint.pt")
+        record.set_tags({"checkpoint_path": str(out / "checkpoint.pt")})
         summary = _finish(cfg, out, record, probe)
         summary.update(
             {"ray_init_s": ray_init_s, "fit_s": fit_s, "run_id": record.run_id, "tracking_uri": uri}

@@ -61,6 +61,25 @@ def optuna_url(name: str) -> str:
     return f"sqlite:///{study_dir(name) / 'optuna.db'}"
 
 
+def optuna_storage(name: str):
+    """The study's Optuna RDB storage. Opening it creates the database's tables when they are
+    missing, so two processes opening a new database at once (the driver starting the study and
+    ``amdim study status``, optuna-dashboard or a test reading it) can race to create them; the
+    loser gets an OperationalError ("table ... already exists") or an IntegrityError (the same
+    version row twice) and simply opens it again."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(optuna_url(name))
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            if attempt == 9:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -392,19 +411,17 @@ def _cluster_guard(ray, n_nodes: int) -> None:
         )
 
 
-# Imported by every Python worker of a local Ray as it starts: the workers Ray starts with the
-# cluster are then ready when the first trials' actors land on them (a cold trial actor otherwise
-# spends seconds importing torch and MLflow after Tune has started it). Reused actors (the Tune
-# path) keep them for every later trial. On a cluster started with `ray start`, set the same
-# RAY_preload_python_modules in the environment of `ray start` on every node.
-PRELOAD_MODULES = "torch,mlflow,amdim.trainer,amdim.harness.tracking,amdim.harness.trial"
-
-
 class _RayScope:
-    """``ray.init`` unless connected already; shut down only what we started."""
+    """``ray.init`` unless connected already; shut down only what we started.
 
-    def __init__(self, preload: bool = False):
-        self.preload = preload
+    ``lean``: a local Ray for a study whose trials all train in their Tune actors starts without
+    the dashboard. Nothing of such a study needs it (Train V2's placement-group cleaner does,
+    which is why the Train path keeps it), and on a small machine its processes take CPU from the
+    trials and a second off Ray's start-up (measured in docs/benchmarks.md).
+    """
+
+    def __init__(self, lean: bool = False):
+        self.lean = lean
 
     def __enter__(self):
         import ray
@@ -412,9 +429,8 @@ class _RayScope:
         from amdim.harness.ray_train import init_ray, set_ray_env
 
         set_ray_env()
-        if self.preload and not os.environ.get("RAY_ADDRESS"):
-            os.environ.setdefault("RAY_preload_python_modules", PRELOAD_MODULES)
-        self.started = init_ray(log_to_driver=False, logging_level="ERROR")
+        extra = {"include_dashboard": False} if self.lean and not os.environ.get("RAY_ADDRESS") else {}
+        self.started = init_ray(log_to_driver=False, logging_level="ERROR", **extra)
         return ray
 
     def __exit__(self, *exc):
@@ -492,7 +508,7 @@ def _fail_orphans(spec: StudySpec) -> int:
     path = study_dir(spec.name) / "optuna.db"
     if not path.is_file():
         return 0
-    storage = optuna.storages.RDBStorage(optuna_url(spec.name))
+    storage = optuna_storage(spec.name)
     try:
         study_id = storage.get_study_id_from_name(spec.name)
     except KeyError:
@@ -598,7 +614,7 @@ def _searcher(spec: StudySpec):
         online_metric=spec.online_metric,
         sampler=sampler,
         study_name=spec.name,
-        storage=optuna.storages.RDBStorage(optuna_url(spec.name)),
+        storage=optuna_storage(spec.name),
         points_to_evaluate=[dict(p) for p in spec.points] or None,
     )
 
@@ -617,7 +633,7 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
         concurrency(spec, *local_resources())  # fail before Ray starts
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
-    with _RayScope(preload=spec.budget.path == "tune") as ray:
+    with _RayScope(lean=spec.budget.path == "tune") as ray:
         cpus, gpus, custom, nodes = _cluster_resources(ray)
         n = concurrency(spec, cpus, gpus, custom)
         _cluster_guard(ray, nodes)
@@ -636,7 +652,9 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
         status = "KILLED"
         try:
             tuner = _tuner(spec, ctx, n, sdir / "tune" / stage, log)
-            tuner.fit()
+            # The parent run's system metrics: the machine the driver runs on, over the stage.
+            with tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s):
+                tuner.fit()
             status = "FINISHED"
         finally:
             wall = time.perf_counter() - t0
@@ -654,7 +672,7 @@ def confirm_points(spec: StudySpec, top: int, seeds: int) -> list[dict[str, Any]
     """The ``top`` best complete search trials (distinct configs), each with ``seeds`` new seeds."""
     import optuna
 
-    study = optuna.load_study(study_name=spec.name, storage=optuna_url(spec.name))
+    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(spec.name))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not done:
         raise UserError(f"study '{spec.name}' has no complete trial to confirm yet")
@@ -670,24 +688,50 @@ def confirm_points(spec: StudySpec, top: int, seeds: int) -> list[dict[str, Any]
     ]
 
 
-def run_confirm(name: str, top: int | None, seeds: int | None, *, log=print) -> dict[str, Any]:
+def settings_points(spec: StudySpec, seeds: int) -> list[dict[str, Any]]:
+    """Every labelled setting of the spec (``points``), each with ``seeds`` new seeds; the source
+    trial is the search trial that ran the setting, when Optuna has one."""
+    import optuna
+
+    if not spec.points:
+        raise UserError(f"study '{spec.name}' lists no labelled settings (points) to confirm")
+    try:
+        trials = optuna.load_study(study_name=spec.name, storage=optuna_storage(spec.name)).trials
+    except KeyError:
+        trials = []
+    base_seed = spec.base.train.seed
+    out = []
+    for point in spec.points:
+        source = next((t.number for t in trials if {k: t.params.get(k) for k in point} == point), None)
+        out += [
+            {**point, "_seed": base_seed + s, **({"_source_trial": source} if source is not None else {})}
+            for s in range(1, seeds + 1)
+        ]
+    return out
+
+
+def run_confirm(
+    name: str, top: int | None, seeds: int | None, *, settings: bool = False, log=print
+) -> dict[str, Any]:
+    """The confirm stage: the ``top`` best configurations of the search (or, with ``settings``,
+    every labelled setting of the spec), each trained again with ``seeds`` new seeds."""
     spec = load_study_spec(name)
-    top = top or spec.confirm.top
+    top = None if settings else (top or spec.confirm.top)
     seeds = seeds or spec.confirm.seeds
-    if top < 1 or seeds < 1:
+    if (top is not None and top < 1) or seeds < 1:
         raise UserError(f"--top and --seeds must be >= 1, got {top} and {seeds}")
     path = study_dir(name) / "confirm.json"
+    mode = "settings" if settings else "top"
     if path.is_file():
         stored = _read_json(path)
-        if (stored["top"], stored["seeds"]) != (top, seeds):
-            raise UserError(
-                f"the confirm stage of '{name}' already ran with --top {stored['top']} --seeds {stored['seeds']}"
-            )
+        if (stored.get("mode", "top"), stored["top"], stored["seeds"]) != (mode, top, seeds):
+            ran = "--settings" if stored.get("mode") == "settings" else f"--top {stored['top']}"
+            raise UserError(f"the confirm stage of '{name}' already ran with {ran} --seeds {stored['seeds']}")
         points = stored["points"]  # the same trials, even if the search changed its ranking since
     else:
-        points = confirm_points(spec, top, seeds)
+        points = settings_points(spec, seeds) if settings else confirm_points(spec, top, seeds)
         study_dir(name).mkdir(parents=True, exist_ok=True)
-        _write_json(path, {"top": top, "seeds": seeds, "points": points})
+        _write_json(path, {"mode": mode, "top": top, "seeds": seeds, "points": points})
     return _run_stage(spec, "confirm", True, log, confirm_points=points)
 
 
@@ -715,6 +759,67 @@ def study_runs(name: str, uri: str | None = None) -> tuple[Any, str | None, list
     return client, state["parent_run_id"], list(runs)
 
 
+def best_configuration(name: str) -> dict[str, Any]:
+    """The study's best configuration by its rank metric (``objective.rank``, never the test set
+    unless the spec says so): the mean over its confirm-stage seeds where the confirm stage ran
+    it, else over its search runs; and, within it, the run with the best value (whose checkpoint
+    stands for the configuration)."""
+    spec = load_study_spec(name)
+    metric = spec.rank_metric
+    _, _, runs = study_runs(name)
+    done = [r for r in runs if r.data.tags.get("state") == STATE_COMPLETE and metric in r.data.metrics]
+    if not done:
+        raise UserError(f"study '{name}' has no complete trial with {metric} to export yet")
+    groups: dict[str, list[Any]] = {}
+    for run in done:
+        groups.setdefault(run.data.tags.get("config_id", run.info.run_id), []).append(run)
+    scored = []
+    for config, members in groups.items():
+        confirm = [r for r in members if r.data.tags.get("stage") == "confirm"]
+        used = confirm or members
+        values = [r.data.metrics[metric] for r in used]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        scored.append((mean, config, used, std))
+    mean, config, used, std = max(scored, key=lambda x: (x[0], x[1]))
+    best = max(used, key=lambda r: (r.data.metrics[metric], r.info.run_id))
+    return {
+        "study": name,
+        "metric": metric,
+        "config_id": config,
+        "setting": best.data.tags.get("setting", ""),
+        "mean": mean,
+        "std": std,
+        "n_seeds": len(used),
+        "stage": "confirm" if used[0].data.tags.get("stage") == "confirm" else "search",
+        "run_id": best.info.run_id,
+        "run_value": best.data.metrics[metric],
+        "seed": best.data.params.get("train.seed"),
+        "run_ids": sorted(r.info.run_id for r in used),
+        "sampled": {k: best.data.params[k] for k in spec.keys if k in best.data.params},
+    }
+
+
+def export_best(name: str, out: Path) -> dict[str, Any]:
+    """``amdim study export NAME --out DIR``: the best configuration's checkpoint (``checkpoint.pt``,
+    loadable by ``amdim probe/segment --checkpoint``), its full flat config (``config.json``) and
+    ``export.json`` (the MLflow run id, the rank metric's mean and std over seeds, where it came
+    from). Nothing is written when the study has nothing to export."""
+    import shutil
+
+    from amdim import checkpoint as ckpt_io
+
+    best = best_configuration(name)
+    source = tracking.run_checkpoint(best["run_id"])
+    payload = ckpt_io.load(source)  # a readable checkpoint, or a one-line error before any copy
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out / "checkpoint.pt")
+    _write_json(out / "config.json", payload["config"])
+    _write_json(out / "export.json", {**best, "checkpoint_source": str(source), "epoch": int(payload["epoch"]),
+                                      "tracking_uri": tracking.tracking_uri()})  # fmt: skip
+    return {**best, "out": str(out)}
+
+
 def study_status(name: str) -> dict[str, Any]:
     """Counts of trials by state per stage (from MLflow) and Optuna's view of the search."""
     import optuna
@@ -729,7 +834,7 @@ def study_status(name: str) -> dict[str, Any]:
         if stage is not None and state is not None:
             out["stages"].setdefault(stage, {})[state] = n
     try:
-        study = optuna.load_study(study_name=name, storage=optuna_url(name))
+        study = optuna.load_study(study_name=name, storage=optuna_storage(name))
     except KeyError:
         return out
     out["optuna"] = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
@@ -786,7 +891,8 @@ def config_from_run(run_id: str):
     recorded = [k for k in all_keys() if k in params]
     cfg = from_flat({k: params[k] for k in recorded})
     rebuilt = {k: str(v) for k, v in to_flat(cfg).items()}
-    differ = [k for k in recorded if rebuilt[k] != params[k]]
+    # Runs recorded before train.channels_last and optim.fused took "auto" hold True/False there.
+    differ = [k for k in recorded if rebuilt[k] != params[k] and rebuilt[k] != params[k].lower()]
     if differ:
         raise UserError(
             f"run {run_id}: {differ[0]}={params[differ[0]]!r} does not round-trip ({rebuilt[differ[0]]!r})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -99,8 +100,8 @@ class StudyProgress(Callback):
 
     A trial that finishes marks its own MLflow run complete. One that ASHA stops is killed
     before it can, so its run is marked here (``state=early_stopped``, status KILLED); a trial
-    that fails is marked ``failed``. Here too: the tag ``checkpoint_path`` (the trial's latest
-    checkpoint as Ray stored it) and the metric ``startup_s``, the seconds from Tune starting the
+    that fails is marked ``failed``. Here too: the tag ``checkpoint_path`` (the ``checkpoint.pt`` of
+    the trial's latest checkpoint, where Ray stored it) and the metric ``startup_s``, the seconds from Tune starting the
     trial's actor to the end of its first training step (from the first report after each start).
     """
 
@@ -162,11 +163,8 @@ class StudyProgress(Callback):
                 lambda r: client.log_metric(r, "startup_s", startup, step=int(result["epoch"])),
             )
         if result.get("checkpoint_path"):  # Train path: TuneReportCallback passes the Train checkpoint on
-            self._record(
-                trial,
-                "checkpoint_path",
-                lambda r: client.set_tag(r, "checkpoint_path", result["checkpoint_path"]),
-            )
+            path = os.path.join(result["checkpoint_path"], "checkpoint.pt")
+            self._record(trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", path))
         if self.rank in result or result.get("diverged"):
             return  # the final report; on_trial_complete prints it
         value = result.get(self.online)
@@ -179,9 +177,8 @@ class StudyProgress(Callback):
         import mlflow
 
         client = mlflow.MlflowClient(self.ctx["tracking_uri"])
-        self._record(
-            trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", checkpoint.path)
-        )
+        path = os.path.join(checkpoint.path, "checkpoint.pt")
+        self._record(trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", path))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}

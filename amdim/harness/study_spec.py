@@ -328,20 +328,70 @@ def _check_reaches_config(param: Param, base: Config, value: Any, where: str) ->
         _fail(where, f"value {value!r} gives an invalid config: {exc}")
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
-    """Read and validate the spec at ``path``; ``overrides`` are flat keys applied to ``base``."""
+SPEC_SETTABLE = (
+    "name",
+    "description",
+    "base.preset",
+    "objective",
+    "budget",
+    "scheduler",
+    "sampler",
+    "confirm",
+)
+
+
+def apply_spec_sets(raw: Any, items: list[str]) -> Any:
+    """``--spec-set FIELD=VALUE`` on a spec as read: ``budget.trials=12``, ``scheduler.type=none``,
+    ``name=nce-cifar-subset``, ``base.preset=tiny`` (values read as YAML scalars). The search space
+    and the points are the spec's own; config keys are ``--set``'s."""
+    import yaml
+
+    if not items:
+        return raw
+    raw = dict(_mapping(raw, "spec"))
+    for item in items:
+        field_name, sep, text = item.partition("=")
+        if not sep or not field_name:
+            raise SpecError(f"--spec-set {item!r}: expected FIELD=VALUE, e.g. budget.trials=12")
+        section, _, key = field_name.partition(".")
+        if field_name not in SPEC_SETTABLE and section not in SPEC_SETTABLE[3:]:
+            raise SpecError(
+                f"--spec-set {field_name}: not a settable spec field (allowed: {', '.join(SPEC_SETTABLE)}"
+                ", the last five with .FIELD); config keys go through --set"
+            )
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        if not key or field_name in SPEC_SETTABLE[:3]:
+            if key:  # base.preset
+                raw["base"] = {**_mapping(raw.get("base"), "base"), key: value}
+            else:
+                raw[section] = value
+        else:
+            raw[section] = {**_mapping(raw.get(section), section), key: value}
+    return raw
+
+
+def load_spec(
+    path: str | Path, overrides: dict[str, Any] | None = None, spec_sets: list[str] | None = None
+) -> StudySpec:
+    """Read and validate the spec at ``path``; ``overrides`` are flat keys applied to ``base``,
+    ``spec_sets`` spec fields (see :func:`apply_spec_sets`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: study spec not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', exc)})") from None
-    return parse_spec(raw, overrides=overrides, origin=str(path))
+    return parse_spec(apply_spec_sets(raw, spec_sets or []), overrides=overrides, origin=str(path))
 
 
 def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str = "spec") -> StudySpec:
@@ -537,18 +587,10 @@ def _parse_points(
 
 def _check_data(spec: str) -> None:
     """Reject an unknown dataset kind or a missing path now, not inside every trial."""
-    from amdim.config import DATA_KINDS as KINDS
+    from amdim.config import data_spec_problem
 
-    kind, _, rest = spec.strip().partition(":")
-    if kind not in KINDS:
-        _fail("base.data", f"unknown dataset kind {kind!r} in {spec!r} (allowed: {', '.join(KINDS)})")
-    if kind == "synthetic":
-        return
-    path = rest.split(",")[0]
-    if not path:
-        _fail("base.data", f"{kind} needs a path, e.g. {kind}:/data/{kind}")
-    if not Path(path).expanduser().exists():
-        _fail("base.data", f"dataset path {path} does not exist (data spec {spec!r})")
+    if (problem := data_spec_problem(spec)) is not None:
+        _fail("base.data", problem)
 
 
 def smoke_variant(spec: StudySpec, *, keep_data: bool = False) -> StudySpec:

@@ -14,6 +14,7 @@ device and dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -126,6 +127,68 @@ def experiment_id(uri: str, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, every_s: float):
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, and
+    ``system/gpu_*`` where NVML sees a GPU) logged to ``run_id`` every ``every_s`` seconds while
+    the block runs; nothing when ``every_s`` is 0. A restarted run continues the step count."""
+    if not every_s:
+        yield None
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class FinalSample(SystemMetricsMonitor):
+        """MLflow's monitor publishes a sample only at the end of each full interval; this one also
+        publishes the last, partial interval when it stops, so a run shorter than ``every_s``
+        still records how busy the machine was."""
+
+        def finish(self):
+            if self._process is None:
+                return
+            self._shutdown_event.set()
+            self._process.join()
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception:  # a run deleted meanwhile: the record is secondary to training
+                pass
+            self._process = None
+
+    monitor = FinalSample(run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()
+
+
+def run_checkpoint(run_id: str) -> Path:
+    """The final checkpoint of a recorded run: the file its ``checkpoint_path`` tag names (set by
+    ``amdim train`` and by every study trial). One-line errors for an unknown run, a run without
+    the tag, and a checkpoint that is gone."""
+    uri = tracking_uri()
+    check_tracking(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"run {run_id}: no MLflow store at {uri[len('sqlite:///') :]} (set AMDIM_RUNS_DIR or MLFLOW_TRACKING_URI)"
+        )
+    try:
+        run = _client(uri).get_run(run_id)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"run {run_id}: not found in {uri} ({first})") from None
+    tag = run.data.tags.get("checkpoint_path")
+    if not tag:
+        raise UserError(
+            f"run {run_id}: records no checkpoint_path (it stopped before its first epoch ended, or diverged)"
+        )
+    path = Path(tag)
+    if not path.is_file():
+        raise UserError(f"run {run_id}: its checkpoint {path} is gone (moved or deleted)")
+    return path
 
 
 class RunRecord:

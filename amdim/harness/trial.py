@@ -18,6 +18,7 @@ for, comes after the last epoch's report, and so does nothing that must always h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -105,7 +106,7 @@ def train_and_report(
     first optimiser step in this process), from which the study driver measures a trial's start-up.
     """
     from amdim import trainer
-    from amdim.harness.tracking import RunRecord
+    from amdim.harness.tracking import RunRecord, system_metrics
 
     cfg = from_flat(loop_config["flat"])
     bundle = _dataset(cfg.data.spec, cfg.model.image_size)
@@ -141,18 +142,24 @@ def train_and_report(
                 ck = session.Checkpoint.from_directory(d)
             session.report(metrics, checkpoint=ck)  # persists the checkpoint before it returns
 
+    monitor = (
+        system_metrics(record.uri, record.run_id, cfg.train.system_metrics_s)
+        if record is not None
+        else contextlib.nullcontext()
+    )
     try:
-        state = trainer.fit(
-            cfg,
-            bundle=bundle,
-            resume=payload,
-            dist=trainer.DistContext(rank, world),
-            wrap_model=wrap_model,
-            on_epoch_end=report,
-            log=print if rank == 0 and not loop_config.get("quiet") else None,
-            device=device,
-            on_step=on_step,
-        )
+        with monitor:  # ASHA's SystemExit inside a report passes through it too: the monitor stops
+            state = trainer.fit(
+                cfg,
+                bundle=bundle,
+                resume=payload,
+                dist=trainer.DistContext(rank, world),
+                wrap_model=wrap_model,
+                on_epoch_end=report,
+                log=print if rank == 0 and not loop_config.get("quiet") else None,
+                device=device,
+                on_step=on_step,
+            )
     except DivergedError as exc:
         # Deterministic: a restart would diverge again. The run says so, and the last report
         # (no checkpoint, no probe) tells Tune and Optuna that this trial failed for this reason.
