@@ -28,6 +28,8 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 # The two ways a trial trains: the shipped smoke spec has one worker per trial, so its trials
 # train in their Tune actors; its 2-worker variant keeps one Ray Train job per trial (one shorter
 # trial: each pays the Train job's start-up; ASHA and Optuna's states are the Tune path's tests).
+# The smoke spec at the size its own header gives for tests: the machinery, smaller trials.
+SMOKE_TEST_SIZE = ["--data", "synthetic:n_train=1024,n_test=256", "--set", "train.max_steps_per_epoch=16"]
 TRAIN_PATH = {
     "name": "smoke-train",
     "budget": {"trials": 1, "epochs": 2, "max_concurrent": 1, "workers": 2, "cpus_per_worker": 0.5},
@@ -60,8 +62,8 @@ _RUNS: dict[str, tuple] = {}
 
 
 def _study(path: str, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, str]:
-    """`amdim study run SPEC`, exactly as a user types it, in a fresh runs folder; once per path
-    for the whole module."""
+    """`amdim study run SPEC` at the smoke spec's test size, as a user types it, in a fresh runs
+    folder; once per path for the whole module."""
     if path not in _RUNS:
         runs = tmp_path_factory.mktemp(f"study-{path}") / "runs"
         spec = yaml.safe_load(SMOKE.read_text())
@@ -70,7 +72,7 @@ def _study(path: str, tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
             spec["budget"].update(TRAIN_PATH["budget"])
         spec_path = runs.parent / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(spec, allow_unicode=True))
-        proc = run_amdim(runs, "study", "run", str(SMOKE if path == "tune" else spec_path))
+        proc = run_amdim(runs, "study", "run", str(SMOKE if path == "tune" else spec_path), *SMOKE_TEST_SIZE)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         _RUNS[path] = (runs, proc, spec["name"])
     return _RUNS[path]

@@ -114,6 +114,8 @@ def _spec(tmp: Path, launcher: str = "train") -> Path:
     trial actors, which train, on the second node."""
     spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
     spec["name"] = f"smoke-two-node-{launcher}"
+    spec["base"]["data"] = "synthetic:n_train=1024,n_test=256"  # the smoke spec's test size
+    spec["base"]["set"]["train.max_steps_per_epoch"] = 16
     spec["budget"].update({"max_concurrent": 2, "worker_resources": {"gpu_node": 1}, "launcher": launcher})
     if launcher == "train":
         spec["budget"]["driver_resources"] = {"head": 0.01}
