@@ -485,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow sets its loggers' level when imported (later, lazily); this is the level it reads then.
     # Not "Creating initial MLflow database tables" or "Started monitoring system metrics" on every run.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "mlflow" in sys.modules:  # imported already (amdim called from Python): set it directly
+        import logging
+
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -4,20 +4,29 @@ One study lives in one folder, ``$AMDIM_STORAGE/<name>`` (default ``runs/studies
 
     spec.json      the validated spec and its fingerprint (a changed spec is refused, not mixed in)
     state.json     the MLflow parent run id and experiment
-    optuna.db      the Optuna study (SQLite; ``optuna-dashboard sqlite:////abs/.../optuna.db``)
-    tune/search/   the Tune experiment of the search (and tune/confirm/ for the confirm stage)
-    train/         one Ray Train run per trial, with its per-epoch checkpoints
+    optuna.db      the Optuna study (SQLite; ``amdim dashboard NAME`` serves it)
+    tune/search/   the Tune experiment of the search (and tune/confirm/ for the confirm stage);
+                   on the Tune path also every trial's per-epoch checkpoints
+    train/         on the Train path, one Ray Train run per trial, with its per-epoch checkpoints
 
-Each trial is the Train-driver-inside-a-Tune-function pattern of Ray 2.60 (Train V2): the trial
-function builds a ``TorchTrainer`` running :func:`amdim.harness.ray_train.worker_loop`, whose rank 0
-reports every epoch's metrics (the online probe drives ASHA) and, at the end, the offline
-linear probe (which ranks the trial for Optuna). The Train run's name is the Tune trial id, so a
-restarted trial resumes from its own last checkpoint.
+A trial trains one of two ways (``budget.launcher``; ``auto`` picks by ``budget.workers``):
+
+* the **Tune path** (one worker): :func:`run_trial` runs the trainer right in the trial's Tune
+  actor (:func:`amdim.harness.trial.train_and_report` with ``session=ray.tune``), which holds the
+  trial's CPUs, GPU share and custom resources; actors are reused from trial to trial;
+* the **Train path** (several workers): the trial function builds a ``TorchTrainer`` running
+  :func:`amdim.harness.ray_train.worker_loop` (the same body with ``session=ray.train``), the
+  Train-driver-inside-a-Tune-function pattern of Ray 2.60; the Train run's name is the Tune trial
+  id, so a restarted trial resumes its own run.
+
+Either way every epoch's metrics are reported to Tune with a checkpoint (the online signal drives
+ASHA when it is on), a restarted trial continues from its last checkpoint, and a finished trial
+ends with the offline linear probe, which ranks it for Optuna.
 
 MLflow: one parent run per study, one child run per trial nested under it (``mlflow.parentRunId``)
 with every key of the trial's flat config as a parameter (the sampled keys hold exactly the values
-Optuna chose) and a ``state`` tag: complete, early_stopped or failed. A child is found again by its
-``tune_trial_id`` tag, so a resumed study never duplicates one.
+Optuna chose) and a ``state`` tag: complete, early_stopped, diverged or failed. A child is found
+again by its ``tune_trial_id`` tag, so a resumed study never duplicates one.
 """
 
 from __future__ import annotations

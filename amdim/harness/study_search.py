@@ -26,7 +26,8 @@ class AmdimOptunaSearch(OptunaSearch):
     ranking metric (the offline probe) exists only in a trial's last result. Here the per-epoch
     intermediate values are the online probe (``online_metric``, step = epoch), and a trial whose
     last result has no ranking metric (ASHA stopped it) is told to Optuna as PRUNED, not as a
-    COMPLETE trial with an early, worse value. Each Optuna trial carries the Tune trial id as the
+    COMPLETE trial with an early, worse value; one whose last result says ``diverged`` (its loss
+    stopped being finite) as FAIL. Each Optuna trial carries the Tune trial id as the
     user attribute ``tune_trial_id`` so MLflow runs and Optuna trials can be joined.
     """
 

@@ -121,7 +121,8 @@ def train_and_report(
         if payload is not None:  # a restarted process: say where it picked up, even if no epoch is left
             record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
 
-    first_step: list[float] = []
+    first_step: list[float] = []  # when this process's first optimiser step ended
+    sent_first_step: list[bool] = []
 
     def on_step(state, i: int) -> None:
         if not first_step:
@@ -133,8 +134,9 @@ def train_and_report(
         metrics = {**metrics, "resumed_from_epoch": start_epoch, "workers": world}
         if record is not None:
             record.log_metrics(metrics, step=int(metrics["epoch"]))
-        if first_step:
+        if first_step and not sent_first_step:  # once per (re)start: the driver's start-up figure
             metrics["first_step_at"] = first_step[0]
+            sent_first_step.append(True)
         with tempfile.TemporaryDirectory() as d:
             ck = None
             if rank == 0:
