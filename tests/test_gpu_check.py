@@ -4,17 +4,28 @@ script cannot rot before a GPU is at hand."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from subprocess_env import ROOT
 
+TORCH_ONLY = ("ray", "mlflow", "optuna", "optuna_dashboard", "playwright")
 
-def test_gpu_check_dry_run_writes_its_summary(tmp_path):
+
+def test_gpu_check_dry_run_writes_its_summary_with_torch_alone(tmp_path):
+    """As on the GPU machine: Ray, MLflow and Optuna cannot be imported (stand-in packages that
+    fail to import come first on the path), and every step still runs."""
+    absent = tmp_path / "absent"
+    for name in TORCH_ONLY:
+        (absent / name).mkdir(parents=True)
+        (absent / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('no {name} on this machine')\n"
+        )
     out = tmp_path / "check"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu-check"), "--dry-run", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(absent)},
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0, proc.stdout[-2000:] + (out / "gpu-check.log").read_text()[-4000:]
