@@ -189,7 +189,7 @@ def test_status_command(smoke, monkeypatch, capsys):
     assert "search:" in text and "best: trial" in text
 
 
-def test_confirm_stage_and_rerun(smoke):
+def test_confirm_stage_and_rerun(smoke, monkeypatch, capsys):
     runs, _, _ = smoke
     proc = run_amdim(runs, "study", "confirm", "smoke", "--top", "1", "--seeds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -208,8 +208,10 @@ def test_confirm_stage_and_rerun(smoke):
     source = next(
         r for r in children if r.data.tags["stage"] == "search" and r.data.tags["state"] == "complete"
     )
-    proc = run_amdim(runs, "rerun", source.info.run_id, "--local", "--out", str(runs.parent / "rerun"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rc, _, err = _amdim_here(
+        runs, monkeypatch, capsys, "rerun", source.info.run_id, "--local", "--out", str(runs.parent / "rerun")
+    )
+    assert rc == 0, err
     rerun = client.search_runs(
         [source.info.experiment_id], filter_string=f"tags.rerun_of = '{source.info.run_id}'"
     )
