@@ -271,6 +271,11 @@ def _checkpoint_saved(sdir: Path, path: str, trial_id: str) -> bool:
     if path == "train":
         snapshot = sdir / "train" / f"search-{trial_id}" / "checkpoint_manager_snapshot.json"
         return registered_checkpoints(snapshot) > 0
+    # The run metadata Tune restores from: a reported checkpoint is registered there only once the
+    # trial's save task has come back, after ``last_result`` already names it (CI caught a driver
+    # killed in between, which by Ray's design restarts the trial from scratch).
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
     for state in sorted((sdir / "tune" / "search").glob("experiment_state-*.json")):
         try:
             trials = json.loads(state.read_text())["trial_data"]
@@ -278,10 +283,11 @@ def _checkpoint_saved(sdir: Path, path: str, trial_id: str) -> bool:
             continue
         for info, runtime in trials:
             info = json.loads(info) if isinstance(info, str) else info
-            runtime = json.loads(runtime) if isinstance(runtime, str) else runtime
-            if info.get("trial_id") == trial_id and (runtime.get("last_result") or {}).get(
-                "checkpoint_dir_name"
-            ):
+            if info.get("trial_id") != trial_id:
+                continue
+            runtime = runtime if isinstance(runtime, str) else json.dumps(runtime)
+            meta = _TrainingRunMetadata.from_json_state(runtime)
+            if meta.checkpoint_manager is not None and meta.checkpoint_manager.latest_checkpoint_result:
                 return True
     return False
 
