@@ -123,6 +123,18 @@ def data_spec_problem(spec: str) -> str | None:
     return None
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute against this process's working directory: Ray trials
+    and workers run in other working directories, and a study resumed elsewhere must find it too."""
+    import os
+
+    kind, sep, rest = spec.strip().partition(":")
+    if kind == "synthetic" or not sep or not rest:
+        return spec
+    path, *opts = rest.split(",")
+    return ",".join([f"{kind}:{os.path.abspath(os.path.expanduser(path))}", *opts])
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and how it is batched. ``spec`` is a data spec string (see amdim.data)."""

@@ -119,15 +119,6 @@ class DataBundle:
 # --- spec parsing -------------------------------------------------------------------------------
 
 
-def absolute_spec(spec: str) -> str:
-    """``spec`` with its path made absolute (Ray workers run in other working directories)."""
-    kind, sep, rest = spec.strip().partition(":")
-    if kind == "synthetic" or not sep or not rest:
-        return spec
-    path, *opts = rest.split(",")
-    return ",".join([f"{kind}:{os.path.abspath(os.path.expanduser(path))}", *opts])
-
-
 def load_data(spec: str = "synthetic", image_size: int = 32) -> DataBundle:
     """The dataset named by ``spec`` (see the module docstring); ``image_size`` is the model's.
 

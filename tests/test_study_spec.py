@@ -42,6 +42,21 @@ def test_smoke_variant_keeps_a_given_dataset(tmp_path):
     assert smoke_variant(spec).base.data.spec.startswith("synthetic")
 
 
+def test_a_relative_dataset_path_is_made_absolute_where_the_study_starts(tmp_path, monkeypatch):
+    """Trials run in Ray's working directories, not the driver's: a relative path given on the
+    command line (``--data npz:../data/x.npz``) reaches them as the absolute path it named."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.npz").write_bytes(b"")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    spec = load_spec(STUDIES / "nce.yaml", {"data.spec": "npz:../data/x.npz,classes=3"})
+    assert spec.base.data.spec == f"npz:{tmp_path / 'data' / 'x.npz'},classes=3"
+    assert spec.trial_config(spec.points[0]).data.spec == spec.base.data.spec
+    assert load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic:n_train=64"}).base.data.spec == (
+        "synthetic:n_train=64"
+    )
+
+
 def test_paper_ablation_settings_are_points():
     nce = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
     labelled = dict(zip(nce.point_labels, nce.points, strict=True))

@@ -189,8 +189,7 @@ def train_ray(
     Leaves ``out/checkpoint.pt`` (final) and ``out/metrics.json`` like the local path, plus the Ray
     Train run under ``out/ray/``.
     """
-    from amdim import data as data_mod
-    from amdim.config import data_spec_problem
+    from amdim.config import absolute_spec, data_spec_problem
     from amdim.harness import tracking
 
     # Everything checkable is checked before anything is written under ``out``.
@@ -203,7 +202,7 @@ def train_ray(
     cfg = with_overrides(
         cfg,
         {
-            "data.spec": data_mod.absolute_spec(cfg.data.spec),
+            "data.spec": absolute_spec(cfg.data.spec),
             "train.device": "cuda" if gpus_per_worker else "cpu",
         },
     )

@@ -36,6 +36,7 @@ from amdim.config import (
     _field_types,
     _parse_scalar,
     _section_classes,
+    absolute_spec,
     preset,
     to_flat,
     with_overrides,
@@ -427,6 +428,8 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
     except ConfigError as exc:
         raise SpecError(f"base.set.{exc}") from None
     _check_data(base.data.spec)
+    # Trials run in other working directories, and a resume may start from another one.
+    base = with_overrides(base, {"data.spec": absolute_spec(base.data.spec)})
 
     search_raw = _mapping(raw.get("search"), "search")
     if not search_raw:
