@@ -207,3 +207,31 @@ def test_ui_command_points_at_the_store(store, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert cli.main(["ui"]) == 2
     assert "does not answer" in capsys.readouterr().err
+
+
+def test_a_diverged_ray_train_run_exits_3_and_leaves_no_result(store, monkeypatch, capsys):
+    """Under Train V2 a job's result holds its last checkpointed report, never the diverged one:
+    the divergence is read from what rank 0 recorded on the run, and the command ends as the
+    local path does (exit 3, one line, diverged.json, no checkpoint.pt, the run FAILED)."""
+    from test_divergence import DIVERGES
+
+    out = store / "out"
+    sets = {**FAST, **DIVERGES, "data.spec": "synthetic:n_train=256,n_test=64", "probe.epochs": 2}
+    flags = [x for k, v in sets.items() for x in ("--set", f"{k}={'off' if v is None else v}")]
+    rc = cli.main(
+        ["train", "--preset", "tiny", "--workers", "2", "--cpus-per-worker", "1", "--out", str(out), *flags]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 3, err
+    # Ray forwards its workers' log lines to stderr; amdim's own message is one line, the last.
+    ours = [line for line in err.splitlines() if line.startswith("amdim:")]
+    assert ours == [err.splitlines()[-1]]
+    assert ours[0].startswith("amdim: error: training diverged: the loss is not finite at epoch 1, step")
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    assert json.loads((out / "diverged.json").read_text())["epoch"] == 1
+    from amdim.harness.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("amdim").experiment_id])
+    assert [(r.data.tags.get("state"), r.info.status) for r in runs] == [("diverged", "FAILED")]
+    assert "probe_test_accuracy" not in runs[0].data.metrics

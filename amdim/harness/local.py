@@ -112,7 +112,7 @@ def train_local(
         (out / "metrics.json").unlink(missing_ok=True)
         write_json(out / "diverged.json", {"epoch": exc.epoch, "step": exc.step, "error": str(exc)})
         if record is not None:
-            record.set_tags({"state": "diverged", "diverged_at": f"epoch {exc.epoch} step {exc.step}"})
+            record.mark_diverged(exc.epoch, exc.step)
             record.finish("FAILED")
         raise
     except BaseException:

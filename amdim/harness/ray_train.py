@@ -254,10 +254,17 @@ def train_ray(
             first = str(exc).strip().splitlines()[0][:200]
             raise UserError(f"training failed after {max_failures} worker restarts: {first}") from None
         fit_s = time.perf_counter() - t_fit
-        if (result.metrics or {}).get("diverged"):  # the workers stopped on a non-finite loss
-            raise DivergedError(
-                int(result.metrics["diverged_at_epoch"]), int(result.metrics["diverged_at_step"])
+        # The workers stopped on a non-finite loss: rank 0 said so on the run (the job's result
+        # holds the last checkpointed report, an earlier good epoch, never the diverged one).
+        if (where := record.divergence()) is not None:
+            exc = DivergedError(*where)
+            # As on the local path: nothing under ``out`` passes for a result.
+            (out / "checkpoint.pt").unlink(missing_ok=True)
+            (out / "metrics.json").unlink(missing_ok=True)
+            (out / "diverged.json").write_text(
+                json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}, indent=2) + "\n"
             )
+            raise exc
         if result.checkpoint is None:
             raise UserError("training produced no checkpoint")
         with result.checkpoint.as_directory() as d:

@@ -282,7 +282,10 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if ctx["launcher"] == "tune":
         outcome = _train_in_actor(loop_config)
     else:
-        outcome = "diverged" if _train_as_job(loop_config, ctx, trial_id).get("diverged") else "complete"
+        _train_as_job(loop_config, ctx, trial_id)
+        # Rank 0 records a divergence on the run; the job's result cannot show it (Train V2's
+        # Result.metrics are the last checkpointed report's, and a diverged report has none).
+        outcome = "diverged" if tracking.RunRecord(uri, run_id).divergence() is not None else "complete"
     client.log_metric(run_id, "trial_wall_s", time.time() - t0)
     if outcome == "diverged":  # the trial's own last report says so to Tune and Optuna
         mark_child(uri, run_id, STATE_DIVERGED, "FAILED")

@@ -246,6 +246,26 @@ class RunRecord:
         for k, v in tags.items():
             client.set_tag(self.run_id, k, v)
 
+    def mark_diverged(self, epoch: int, step: int) -> None:
+        """Say on the run where its loss stopped being finite (read back by :meth:`divergence`)."""
+        self.set_tags(
+            {
+                "state": "diverged",
+                "diverged_at": f"epoch {epoch} step {step}",
+                "diverged_at_epoch": str(epoch),
+                "diverged_at_step": str(step),
+            }
+        )
+
+    def divergence(self) -> tuple[int, int] | None:
+        """(epoch, step) where the run's training diverged, as its rank-0 worker recorded it, or
+        None. A Ray Train job's result cannot say so: under Train V2 ``Result.metrics`` are those
+        of the last report *with a checkpoint*, and a diverged report has none."""
+        tags = _client(self.uri).get_run(self.run_id).data.tags
+        if tags.get("state") != "diverged" or "diverged_at_epoch" not in tags:
+            return None
+        return int(tags["diverged_at_epoch"]), int(tags["diverged_at_step"])
+
     def log_dict(self, obj: Any, name: str) -> None:
         import tempfile
 

@@ -166,7 +166,7 @@ def train_and_report(
         # Deterministic: a restart would diverge again. The run says so, and the last report
         # (no checkpoint, no probe) tells Tune and Optuna that this trial failed for this reason.
         if record is not None:
-            record.set_tags({"state": "diverged", "diverged_at": f"epoch {exc.epoch} step {exc.step}"})
+            record.mark_diverged(exc.epoch, exc.step)
         session.report({"diverged": 1, "diverged_at_epoch": exc.epoch, "diverged_at_step": exc.step})
         return "diverged"
     if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
