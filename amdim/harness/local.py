@@ -24,6 +24,14 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def leave_no_result(out: Path, exc: DivergedError) -> None:
+    """A diverged run is not a result: no ``checkpoint.pt`` or ``metrics.json`` stays under ``out``
+    to be mistaken for one, and ``diverged.json`` says where the loss stopped being finite."""
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    write_json(out / "diverged.json", {"epoch": exc.epoch, "step": exc.step, "error": str(exc)})
+
+
 def json_default(obj: Any) -> Any:
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -107,10 +115,7 @@ def train_local(
             result["run_id"] = record.run_id
             record.finish("FINISHED")
     except DivergedError as exc:
-        # Not a result: no checkpoint.pt or metrics.json stays behind to be mistaken for one.
-        ckpt_path.unlink(missing_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)
-        write_json(out / "diverged.json", {"epoch": exc.epoch, "step": exc.step, "error": str(exc)})
+        leave_no_result(out, exc)
         if record is not None:
             record.mark_diverged(exc.epoch, exc.step)
             record.finish("FAILED")

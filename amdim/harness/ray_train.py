@@ -257,13 +257,10 @@ def train_ray(
         # The workers stopped on a non-finite loss: rank 0 said so on the run (the job's result
         # holds the last checkpointed report, an earlier good epoch, never the diverged one).
         if (where := record.divergence()) is not None:
+            from amdim.harness.local import leave_no_result
+
             exc = DivergedError(*where)
-            # As on the local path: nothing under ``out`` passes for a result.
-            (out / "checkpoint.pt").unlink(missing_ok=True)
-            (out / "metrics.json").unlink(missing_ok=True)
-            (out / "diverged.json").write_text(
-                json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}, indent=2) + "\n"
-            )
+            leave_no_result(out, exc)  # as on the local path
             raise exc
         if result.checkpoint is None:
             raise UserError("training produced no checkpoint")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -790,8 +791,8 @@ def best_configuration(name: str) -> dict[str, Any]:
         confirm = [r for r in members if r.data.tags.get("stage") == "confirm"]
         used = confirm or members
         values = [r.data.metrics[metric] for r in used]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else None  # over seeds (n - 1)
         scored.append((mean, config, used, std))
     mean, config, used, std = max(scored, key=lambda x: (x[0], x[1]))
     best = max(used, key=lambda r: (r.data.metrics[metric], r.info.run_id))
