@@ -476,7 +476,7 @@ def test_export_takes_the_best_configuration_out_and_probe_and_segment_find_chec
         used = [r for r in members if r.data.tags["stage"] == "confirm"] or members
         return sum(r.data.metrics["probe_val_accuracy"] for r in used) / len(used)
 
-    best_config = max(by_config, key=lambda c: score(by_config[c]))
+    best_config = max(by_config, key=lambda c: (score(by_config[c]), c))  # ties: the larger config id
     assert info["config_id"] == best_config and info["metric"] == "probe_val_accuracy"
     assert info["mean"] == pytest.approx(score(by_config[best_config]))
     assert info["run_id"] in {r.info.run_id for r in by_config[best_config]} and info["run_id"] in text
