@@ -49,16 +49,32 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from amdim.config import AugConfig
 
-BICUBIC = InterpolationMode.BICUBIC
 OPS = ("brightness", "contrast", "saturation", "hue")
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision / ITU-R 601-2 luma
 Params = dict[str, Any]
+
+
+def _tv() -> tuple[Any, Any, Any]:
+    """torchvision's ``transforms``, its v2 ``functional`` and bicubic interpolation, imported on
+    first use. Importing torchvision costs about 1.5 s on a 2-core CPU (it imports
+    ``torch._dynamo``), and the batched default path at the dataset's own size never needs it:
+    every new study trial and every ``amdim`` command would pay for it otherwise."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional
+
+    return transforms, functional, InterpolationMode.BICUBIC
+
+
+def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x - mean) / std`` per channel of (..., 3, H, W), as torchvision's ``normalize``
+    computes it (same dtype and device, subtract then divide)."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub(m).div_(s)
 
 
 def _to_float(img: Tensor) -> Tensor:
@@ -74,6 +90,7 @@ def _resize_exact(x: Tensor, size: int) -> Tensor:
     """Bicubic, antialiased resize of (..., 3, H, W) to (size, size), clamped to [0, 1]."""
     if x.shape[-2:] == (size, size):
         return x
+    _, F, BICUBIC = _tv()
     return F.resize(x, [size, size], interpolation=BICUBIC, antialias=True).clamp_(0.0, 1.0)
 
 
@@ -93,11 +110,12 @@ def test_transform(
     """
     x = _to_float(img)
     if cfg.test_resize > 0:
+        _, F, BICUBIC = _tv()
         x = F.resize(x, [cfg.test_resize], interpolation=BICUBIC, antialias=True).clamp_(0.0, 1.0)
         x = F.center_crop(x, [out_size, out_size])
     else:
         x = _resize_exact(x, out_size)
-    return F.normalize(x, list(mean), list(std))
+    return _normalize(x, mean, std)
 
 
 test_transform.__test__ = False  # a pytest module that imports it must not collect it as a test
@@ -149,6 +167,7 @@ class TorchvisionTwoViews(_TwoViews):
 
     def __init__(self, cfg: AugConfig, out_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(cfg, out_size, mean, std)
+        T, F, _ = _tv()
         b, c, s, h = cfg.jitter()
         self._jitter = T.ColorJitter(b, c, s, h)  # only for its normalised ranges and get_params
         self._ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -165,6 +184,7 @@ class TorchvisionTwoViews(_TwoViews):
     def _sample_view(self, img: Tensor, height: int, width: int) -> Params:
         cfg = self.cfg
         crop, translate = (0, 0, height, width), (0, 0)
+        T, _, _ = _tv()
         if cfg.crop:
             scale = [cfg.crop_scale_min, cfg.crop_scale_max]
             ratio = [cfg.crop_ratio_min, cfg.crop_ratio_max]
@@ -191,12 +211,13 @@ class TorchvisionTwoViews(_TwoViews):
         """Both views of ``img`` (uint8 (3, H, W)) under ``params`` from :meth:`sample_params`."""
         x = _to_float(img)
         if params["flip"]:
-            x = F.horizontal_flip(x)
+            x = _tv()[1].horizontal_flip(x)
         v1, v2 = (self._view(x, p) for p in params["views"])
         return v1, v2
 
     def _view(self, x: Tensor, p: Params) -> Tensor:
         out = self.out_size
+        _, F, BICUBIC = _tv()
         if self.cfg.crop:
             i, j, h, w = p["crop"]
             x = F.resized_crop(x, i, j, h, w, [out, out], interpolation=BICUBIC, antialias=True)

@@ -118,13 +118,13 @@ def _study_figures(spec) -> dict:
     }
 
 
-def _both_paths(raw: dict, origin: str) -> dict:
+def _both_paths(raw: dict, origin: str, paths: str = "tune,train") -> dict:
     """The same spec on the Tune path (trials train in their Tune actors) and on the Train path
     (one Ray Train job per trial), one after the other in this run."""
     from amdim.harness.study_spec import parse_spec
 
     out = {}
-    for path in ("tune", "train"):
+    for path in paths.split(","):
         spec_raw = {**raw, "name": f"{raw['name']}-{path}", "budget": {**raw["budget"], "launcher": path}}
         out[path] = _study_figures(parse_spec(spec_raw, origin=origin))
         print(json.dumps(out[path]), file=sys.stderr)
@@ -148,7 +148,7 @@ def smoke(args) -> dict:
 
     runs = _runs(args)
     raw = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
-    return {"runs": str(runs), **_machine(), "paths": _both_paths(raw, "studies/smoke.yaml")}
+    return {"runs": str(runs), **_machine(), "paths": _both_paths(raw, "studies/smoke.yaml", args.paths)}
 
 
 def minute(args) -> dict:
@@ -179,7 +179,7 @@ def minute(args) -> dict:
         "runs": str(runs),
         **_machine(),
         "calibration": {"step_images_per_s": round(rate, 1), "steps_per_epoch": steps, "epochs": epochs},
-        "paths": _both_paths(raw, "studies/bench/minute.yaml"),
+        "paths": _both_paths(raw, "studies/bench/minute.yaml", args.paths),
     }
 
 
@@ -344,6 +344,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--seconds", type=float, default=60.0, help="minute: the training time each trial is sized to"
+    )
+    parser.add_argument(
+        "--paths",
+        default="tune,train",
+        choices=["tune,train", "tune", "train"],
+        help="smoke, minute: the trial paths to run (default both, one after the other)",
     )
     args = parser.parse_args()
     out = {"smoke": smoke, "minute": minute, "search": search, "packing": packing}[args.which](args)

@@ -376,3 +376,30 @@ def test_online_val_split_of_an_image_folder_loads_the_held_out_files(tmp_path):
     cfg = replace(AUG_IMAGENET, test_resize=decode)
     (x, y), *rest = eval_loader(b.train_images, b.train_labels, cfg, 32, 8, b.mean, b.std, indices=val)
     assert not rest and x.shape == (2, 3, 32, 32) and y.tolist() == b.train_labels[val].tolist() == [0, 1]
+
+
+def test_training_and_the_probe_on_the_default_path_never_import_torchvision(tmp_path):
+    """Importing torchvision costs about 1.5 s (it imports torch._dynamo); every new study trial
+    actor and every `amdim` command paid it before it was imported on use. The batched default
+    path at the dataset's own size, the online evaluation and the offline probe never need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from amdim.config import preset, with_overrides\n"
+        "from amdim import cli, trainer\n"
+        "from amdim.evaluate import final_evaluation\n"
+        "from amdim.harness import study, trial\n"
+        "cfg = with_overrides(preset('tiny'), {'data.spec': 'synthetic:n_train=128,n_test=64',\n"
+        "    'train.epochs': 1, 'train.max_steps_per_epoch': 2, 'probe.epochs': 1})\n"
+        "state = trainer.fit(cfg)\n"
+        "from amdim import data\n"
+        "final_evaluation(state.core, cfg, data.load_data(cfg.data.spec, 32), 'cpu', epoch=1)\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
