@@ -42,6 +42,7 @@ in crop mode. :func:`param_at` and :func:`stack_params` convert between the two 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,7 @@ _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision / ITU-R 601-2 luma
 Params = dict[str, Any]
 
 
+@functools.lru_cache(maxsize=1)
 def _tv() -> tuple[Any, Any, Any]:
     """torchvision's ``transforms``, its v2 ``functional`` and bicubic interpolation, imported on
     first use. Importing torchvision costs about 1.5 s on a 2-core CPU (it imports
@@ -465,9 +467,7 @@ class BatchedTwoViews(_TwoViews):
             x = _translate(_resize_exact(x, out), p["translate"], self.cfg.translate_px)
         x = self._jitter(x, p)
         x = torch.where(p["gray"][:, None, None, None], _gray(x).expand_as(x), x)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype)[:, None, None]
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype)[:, None, None]
-        return (x - mean) / std
+        return _normalize(x, self.mean, self.std)
 
     def _jitter(self, x: Tensor, p: Params) -> Tensor:
         """Per-sample colour jitter: at each of the 4 positions, every sample gets the op it drew."""

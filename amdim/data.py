@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from amdim.augment import TorchvisionTwoViews, test_transform
+from amdim.augment import TorchvisionTwoViews, _tv, test_transform
 from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, DATA_KINDS, AugConfig, DataConfig
 from amdim.errors import ConfigError, DataError
 
@@ -73,10 +73,8 @@ class ImageFiles(Dataset):
                 im = im.convert("RGB")
         except OSError as e:
             raise DataError(f"{path}: cannot decode image ({e})") from None
-        from torchvision.transforms import InterpolationMode  # imported on use (costs ~1.5 s)
-        from torchvision.transforms.v2 import functional as F
-
-        im = F.resize(im, [self.size], interpolation=InterpolationMode.BICUBIC)
+        _, F, bicubic = _tv()  # torchvision, imported on first use
+        im = F.resize(im, [self.size], interpolation=bicubic)
         return F.pil_to_tensor(F.center_crop(im, [self.size, self.size]))
 
 
