@@ -17,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -108,7 +111,76 @@ def run_tags(flat: dict[str, Any], device: str, extra: dict[str, str] | None = N
 def _client(uri: str):
     import mlflow
 
+    seed_store(uri)  # a client opens (and so makes) its store
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def cache_dir() -> Path:
+    """``$AMDIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/amdim``, else ``~/.cache/amdim``."""
+    if os.environ.get("AMDIM_CACHE_DIR"):
+        return Path(os.environ["AMDIM_CACHE_DIR"]).resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve() / "amdim"
+
+
+def _template_ok(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            revisions = con.execute("SELECT version_num FROM alembic_version").fetchall()
+            experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
+        return len(revisions) == 1 and experiments == 0
+    except sqlite3.Error:
+        return False
+
+
+def store_template() -> Path:
+    """An empty MLflow SQLite store of the installed MLflow's schema, made once per machine and
+    MLflow version in :func:`cache_dir`: MLflow makes it (its tables, then every schema
+    migration: about 2 s on 2 cores), and its default experiment is removed again, because MLflow
+    names that one's artifact folder after the store that creates it."""
+    import mlflow
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
+    if path.is_file() and _template_ok(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".template-") as d:
+        db = Path(d) / "store.db"
+        SqlAlchemyStore(f"sqlite:///{db}", (Path(d) / "artifacts").as_uri()).engine.dispose()
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            con.commit()
+        if not _template_ok(db):
+            raise sqlite3.DatabaseError(f"MLflow {mlflow.__version__} made a store of another layout")
+        os.replace(db, path)  # whole or not at all: a concurrent maker's copy is as good
+    return path
+
+
+def seed_store(uri: str) -> bool:
+    """Give a local SQLite store that does not exist yet its tables by copying
+    :func:`store_template`, instead of MLflow migrating a new database from its first schema on
+    first use. The copy is the state MLflow's migrations leave, without the default experiment,
+    which MLflow adds (with this store's artifact folder) when it first opens the store. Returns
+    whether it copied; on any failure (no cache folder, a read-only one) MLflow makes the store
+    itself, as it would without this."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri[len("sqlite:///") :])
+    if path.exists():
+        return False
+    try:
+        template = store_template()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
+        shutil.copyfile(template, tmp)
+        try:
+            os.link(tmp, path)  # never over a store another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return True
+    except (OSError, sqlite3.Error):
+        return False
 
 
 def experiment_id(uri: str, name: str) -> str:
