@@ -15,10 +15,26 @@ from amdim.harness import tracking
 TIMES = {"creation_time", "last_update_time"}
 
 
+def _clauses(sql: str | None) -> tuple | None:
+    """A CREATE statement as its head and the set of its clauses: MLflow's migrations rebuild some
+    tables (alembic's batch mode) and write their constraints in an order that changes from one
+    new store to the next, so two stores MLflow makes itself differ in that order alone."""
+    if sql is None:
+        return None
+    head, _, body = sql.partition("(")
+    return head, tuple(sorted(c.strip() for c in body.rsplit(")", 1)[0].split(", \n")))
+
+
 def _dump(db: Path) -> tuple[list, dict]:
     with closing(sqlite3.connect(db)) as con:
         schema = sorted(
-            con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall(), key=str
+            (
+                (kind, name, table, _clauses(sql))
+                for kind, name, table, sql in con.execute(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master"
+                )
+            ),
+            key=str,
         )
         rows = {}
         for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
