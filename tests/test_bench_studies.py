@@ -16,14 +16,12 @@ def test_the_idle_tail_is_the_free_slot_time_after_the_last_trial_started():
 
 def test_no_idle_tail_when_the_last_trials_end_together():
     spans = [(0.0, 10.0), (1.0, 10.0), (10.2, 20.0), (10.4, 20.0)]
-    assert (
-        idle_tail_slot_s(spans, 2) == 0.0
-    )  # the 0.2 s before the last start is the harness's, not the tail's
+    # the 0.2 s before the last start is the harness's, not the tail's
+    assert idle_tail_slot_s(spans, 2) == 0.0
 
 
 def test_every_slot_idle_counts_and_no_trials_means_no_tail():
-    assert idle_tail_slot_s([(0.0, 4.0)], 3) == pytest.approx(
-        8.0
-    )  # a budget of one trial leaves two slots idle
+    # a budget of one trial leaves two slots idle
+    assert idle_tail_slot_s([(0.0, 4.0)], 3) == pytest.approx(8.0)
     assert idle_tail_slot_s([(0.0, 10.0), (2.0, 4.0)], 3) == pytest.approx(2 * 1 + 6 * 2)
     assert idle_tail_slot_s([], 2) == 0.0

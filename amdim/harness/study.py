@@ -884,12 +884,7 @@ def config_from_run(run_id: str):
 
     from amdim.config import ADDED_KEYS, all_keys
 
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise UserError(
-            f"run {run_id}: no MLflow store at {uri[len('sqlite:///') :]} (set AMDIM_RUNS_DIR or MLFLOW_TRACKING_URI)"
-        )
+    uri = tracking.store_for_run(run_id)
     try:
         run = mlflow.MlflowClient(uri).get_run(run_id)
     except Exception as exc:

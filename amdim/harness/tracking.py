@@ -49,6 +49,24 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store's URI; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def store_for_run(run_id: str) -> str:
+    """The tracking URI to read recorded run ``run_id`` from, after one-line errors for a tracking
+    server that does not answer and for a local store that does not exist."""
+    uri = tracking_uri()
+    check_tracking(uri)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise UserError(
+            f"run {run_id}: no MLflow store at {path} (set AMDIM_RUNS_DIR or MLFLOW_TRACKING_URI)"
+        )
+    return uri
+
+
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, in one line, when a tracking server does not answer its health check."""
     if not uri.startswith(("http://", "https://")):
@@ -163,21 +181,19 @@ def seed_store(uri: str) -> bool:
     which MLflow adds (with this store's artifact folder) when it first opens the store. Returns
     whether it copied; on any failure (no cache folder, a read-only one) MLflow makes the store
     itself, as it would without this."""
-    if not uri.startswith("sqlite:///"):
-        return False
-    path = Path(uri[len("sqlite:///") :])
-    if path.exists():
+    path = sqlite_path(uri)
+    if path is None or path.exists():
         return False
     try:
         template = store_template()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
-        shutil.copyfile(template, tmp)
         try:
+            shutil.copyfile(template, tmp)
             os.link(tmp, path)  # never over a store another process made meanwhile
         except FileExistsError:
             pass
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
         return True
     except (OSError, sqlite3.Error):
         return False
@@ -189,9 +205,8 @@ def experiment_id(uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    path = sqlite_path(uri)
+    artifacts = (path.parent / "mlartifacts").as_uri() if path is not None else None
     try:
         return client.create_experiment(name, artifact_location=artifacts)
     except Exception:  # created concurrently by another process
@@ -241,12 +256,7 @@ def run_checkpoint(run_id: str) -> Path:
     """The final checkpoint of a recorded run: the file its ``checkpoint_path`` tag names (set by
     ``amdim train`` and by every study trial). One-line errors for an unknown run, a run without
     the tag, and a checkpoint that is gone."""
-    uri = tracking_uri()
-    check_tracking(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise UserError(
-            f"run {run_id}: no MLflow store at {uri[len('sqlite:///') :]} (set AMDIM_RUNS_DIR or MLFLOW_TRACKING_URI)"
-        )
+    uri = store_for_run(run_id)
     try:
         run = _client(uri).get_run(run_id)
     except Exception as exc:
