@@ -23,9 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from amdim import checkpoint as ckpt_io
 from amdim.config import Config, from_flat, to_flat, with_overrides
 from amdim.errors import DivergedError, UserError
 
@@ -40,6 +37,10 @@ RAY_ENV_DEFAULTS = {
     # A reused trial actor waits this long for the previous trial's thread to end (default 2 s;
     # a thread still alive then fails the next trial). ASHA's stop ends it at once, inside its report.
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
+    # Tune sets this (Lightning's fork guard) in every trial actor's runtime env; set before Ray
+    # starts, the actors inherit it, and a study leaves that runtime env out (study.py,
+    # _trial_actors_inherit_env) so that Ray can run them in the workers it prestarted.
+    "PL_DISABLE_FORK": "1",
 }
 
 
@@ -91,8 +92,34 @@ def init_ray(**kwargs: Any) -> bool:
     return True
 
 
+def shutdown_ray() -> None:
+    """``ray.shutdown()`` of a Ray this process started, without the second it loses on the autoscaler
+    monitor: Ray stops the monitor after the GCS, and the monitor's SIGTERM handler then tries to
+    report its end to the stopped GCS until Ray kills it a second later (measured in
+    docs/benchmarks.md). A Ray that ``ray.init`` started here has no autoscaling config, so its
+    monitor holds nothing to save and is killed first. Any Ray without these internals: the plain
+    shutdown."""
+    import ray
+
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []
+        for info in monitors:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception:  # a shortcut only: ray.shutdown below does the work
+        pass
+    ray.shutdown()
+
+
 def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
     """One-line errors, before Ray starts, for requests this machine or cluster cannot meet."""
+    import torch
+
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
@@ -143,6 +170,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     :func:`amdim.harness.trial.train_and_report`), DDP-wrapped when there are several."""
     import ray.train
     import ray.train.torch
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     from amdim.harness.trial import registered_checkpoints, train_and_report, worker_threads
@@ -213,6 +241,7 @@ def train_ray(
     set_ray_env()
     import ray
     import ray.train
+    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = out.resolve()
@@ -280,11 +309,14 @@ def train_ray(
         raise
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _finish(cfg: Config, out: Path, record, probe: bool) -> dict[str, Any]:
     """Driver side after training: offline probe, segmentation PNG, artifacts."""
+    import torch
+
+    from amdim import checkpoint as ckpt_io
     from amdim import data as data_mod
     from amdim import trainer
     from amdim.evaluate import final_evaluation

@@ -31,6 +31,7 @@ again by its ``tune_trial_id`` tag, so a resumed study never duplicates one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -172,12 +173,16 @@ def concurrency(spec: StudySpec, cpus: float, gpus: float, custom: dict[str, flo
     return max(1, min(n, spec.budget.trials))
 
 
-def local_resources() -> tuple[float, float, dict[str, float]]:
-    """What a local Ray started by this process will have (custom resources: none)."""
-    import torch
+def local_resources(gpus: bool = True) -> tuple[float, float, dict[str, float]]:
+    """What a local Ray started by this process will have (custom resources: none). ``gpus``
+    False: the GPU count is not looked up and reads 0; counting them imports torch (about 2 s of
+    CPU before Ray starts), which a study that asks for no GPU does not need in its driver."""
+    n_gpus = 0.0
+    if gpus:
+        import torch
 
-    gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    return float(os.cpu_count() or 1), gpus, {}
+        n_gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return float(os.cpu_count() or 1), n_gpus, {}
 
 
 # --- MLflow child runs --------------------------------------------------------------------------
@@ -435,6 +440,7 @@ class _RayScope:
 
     def __init__(self, lean: bool = False):
         self.lean = lean
+        self.inherited: dict[str, str] | None = None
 
     def __enter__(self):
         import ray
@@ -442,15 +448,61 @@ class _RayScope:
         from amdim.harness.ray_train import init_ray, set_ray_env
 
         set_ray_env()
-        extra = {"include_dashboard": False} if self.lean and not os.environ.get("RAY_ADDRESS") else {}
+        local = not os.environ.get("RAY_ADDRESS")
+        extra = {"include_dashboard": False} if self.lean and local else {}
+        environ = dict(os.environ)
         self.started = init_ray(log_to_driver=False, logging_level="ERROR", **extra)
+        # The environment every worker of a Ray started here inherits (from its raylet).
+        self.inherited = environ if self.started and local else None
         return ray
 
     def __exit__(self, *exc):
-        import ray
+        from amdim.harness.ray_train import shutdown_ray
 
         if self.started:
-            ray.shutdown()
+            shutdown_ray()
+
+
+@contextlib.contextmanager
+def _trial_actors_inherit_env(inherited: dict[str, str] | None):
+    """Tune's trial actors in the workers Ray prestarted, where Tune's runtime env for them repeats
+    what they inherit.
+
+    Tune gives every trial actor a runtime env of environment variables (``PL_DISABLE_FORK=1`` for
+    Lightning, and Ray Train's variables copied from the driver). Any runtime env makes Ray start a
+    new Python process for the actor through its runtime-env agent, and leaves idle the workers it
+    prestarted at ``ray.init`` (which have imported Ray already): measured in docs/benchmarks.md,
+    about 1.2 s of CPU per new actor on 2 cores. On a Ray that this process started, every worker
+    already has the driver's environment from ``ray.init``; when each variable Tune would set has
+    that value there, the runtime env changes nothing and is left out. ``inherited`` None (a Ray
+    joined, not started), or any variable that differs: Tune's own runtime env.
+    """
+    if inherited is None:
+        yield
+        return
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # another Ray: its own behaviour
+        yield
+        return
+    tune_get = class_cache._ActorClassCache.get
+
+    def get(self, trainable_cls):
+        remote_cls = tune_get(self, trainable_cls)
+        options = getattr(remote_cls, "_default_options", None) or {}
+        runtime_env = options.get("runtime_env") or {}
+        env = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
+        if set(runtime_env) == {"env_vars"} and all(inherited.get(k) == v for k, v in (env or {}).items()):
+            import ray
+
+            remote_cls = self._cache[trainable_cls] = ray.remote(trainable_cls)
+        return remote_cls
+
+    class_cache._ActorClassCache.get = get
+    try:
+        yield
+    finally:
+        class_cache._ActorClassCache.get = tune_get
 
 
 def _cluster_resources(ray) -> tuple[float, float, dict[str, float], int]:
@@ -643,10 +695,11 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     if not os.environ.get("RAY_ADDRESS"):
-        concurrency(spec, *local_resources())  # fail before Ray starts
+        concurrency(spec, *local_resources(gpus=bool(spec.budget.gpus_per_worker)))  # fail before Ray starts
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
-    with _RayScope(lean=spec.budget.path == "tune") as ray:
+    scope = _RayScope(lean=spec.budget.path == "tune")
+    with scope as ray:
         cpus, gpus, custom, nodes = _cluster_resources(ray)
         n = concurrency(spec, cpus, gpus, custom)
         _cluster_guard(ray, nodes)
@@ -666,7 +719,10 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
         try:
             tuner = _tuner(spec, ctx, n, sdir / "tune" / stage, log)
             # The parent run's system metrics: the machine the driver runs on, over the stage.
-            with tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s):
+            with (
+                tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s),
+                _trial_actors_inherit_env(scope.inherited),
+            ):
                 tuner.fit()
             status = "FINISHED"
         finally:
