@@ -491,8 +491,11 @@ def _trial_actors_inherit_env(inherited: dict[str, str] | None):
         remote_cls = tune_get(self, trainable_cls)
         options = getattr(remote_cls, "_default_options", None) or {}
         runtime_env = options.get("runtime_env") or {}
-        env = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
-        if set(runtime_env) == {"env_vars"} and all(inherited.get(k) == v for k, v in (env or {}).items()):
+        if (
+            isinstance(runtime_env, dict)
+            and set(runtime_env) == {"env_vars"}
+            and all(inherited.get(k) == v for k, v in (runtime_env["env_vars"] or {}).items())
+        ):
             import ray
 
             remote_cls = self._cache[trainable_cls] = ray.remote(trainable_cls)
