@@ -114,6 +114,12 @@ def test_smoke_study_runs_every_trial_to_a_final_state(either):
             assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100, run.info.run_name
     parent = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(_children(runs, name)[1])
     assert "system/cpu_utilization_percentage" in parent.data.metrics
+    # Tune's own per-trial files, without its TensorBoard logger (which imports torch in the driver).
+    trial_dirs = [d for d in (runs / "studies" / name / "tune" / "search").iterdir() if d.is_dir()]
+    assert len(trial_dirs) == trials
+    for d in trial_dirs:
+        assert (d / "progress.csv").is_file() and (d / "result.json").is_file(), d
+        assert not list(d.glob("events.out.tfevents*")), d
 
 
 def test_child_runs_hold_exactly_optunas_samples_and_reach_the_model(either):

@@ -41,6 +41,11 @@ RAY_ENV_DEFAULTS = {
     # starts, the actors inherit it, and a study leaves that runtime env out (study.py,
     # _trial_actors_inherit_env) so that Ray can run them in the workers it prestarted.
     "PL_DISABLE_FORK": "1",
+    # Tune adds CSV, JSON and TensorBoard loggers to every experiment unless told not to; the
+    # TensorBoard one imports tensorboardX, which imports torch in the driver: about 2 s on 2 cores,
+    # serial, before the first trial starts (docs/benchmarks.md). Studies add the CSV and JSON ones
+    # themselves (study.py, _tuner); their record is MLflow.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 
 

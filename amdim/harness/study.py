@@ -594,6 +594,7 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
     import logging
 
     import ray.tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
 
     from amdim.harness.study_search import EpochASHA, QuietTrialFailures, StudyProgress
@@ -614,7 +615,9 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
         failure_config=ray.tune.FailureConfig(max_failures=spec.budget.max_failures),
         # Tune-path trials checkpoint through Tune (Train-path ones through their Train run).
         checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[progress],
+        # Tune's per-trial progress.csv and result.json, without its TensorBoard logger
+        # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS in ray_train.RAY_ENV_DEFAULTS).
+        callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()],
     )
     if ctx["stage"] == "confirm":
         return ray.tune.Tuner(
