@@ -119,3 +119,21 @@ def test_shutdown_stops_every_process_it_started(monkeypatch):
     while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"Ray processes still running after the study's shutdown: {left}"
+
+
+def test_work_beside_the_start_runs_in_another_thread_and_is_done_when_ray_is_up(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    seen = {}
+
+    def work():
+        seen["thread"] = threading.current_thread()
+        seen["ray_up_at_start"] = ray.is_initialized()
+        time.sleep(0.5)  # longer than nothing: the scope must wait for it
+        seen["done"] = True
+
+    with study._RayScope(lean=True, while_starting=work):
+        assert seen.get("done"), "the scope returned before the work beside Ray's start had ended"
+        assert seen["thread"] is not threading.main_thread()
+        assert seen["ray_up_at_start"] is False  # it ran while Ray was starting, not after

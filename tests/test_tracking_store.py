@@ -102,3 +102,18 @@ def test_without_a_usable_cache_mlflow_makes_the_store(tmp_path, monkeypatch):
 
 def test_no_seeding_for_a_tracking_server():
     assert tracking.seed_store("http://127.0.0.1:5000") is False
+
+
+def test_warming_up_makes_the_template_touches_no_store_and_never_raises(tmp_path, cache, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.warm_store(uri) is None
+    assert [p.name for p in cache.glob("mlflow-*-empty-store.db")]  # made once for this machine
+    assert not (tmp_path / "mlflow.db").exists()  # the user's store: left to its first use
+    assert tracking.seed_store(uri)  # which copies the template now made
+    # A cache folder that cannot be made: the warm-up says nothing, and MLflow makes the store.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("AMDIM_CACHE_DIR", str(blocker / "cache"))
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert tracking.warm_store(other) is None
+    assert mlflow.MlflowClient(other).get_experiment(tracking.experiment_id(other, "e")).name == "e"

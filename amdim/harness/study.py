@@ -37,6 +37,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -438,8 +439,9 @@ class _RayScope:
     trials and a second off Ray's start-up (measured in docs/benchmarks.md).
     """
 
-    def __init__(self, lean: bool = False):
+    def __init__(self, lean: bool = False, while_starting: Callable[[], None] | None = None):
         self.lean = lean
+        self.while_starting = while_starting
         self.inherited: dict[str, str] | None = None
 
     def __enter__(self):
@@ -451,7 +453,12 @@ class _RayScope:
         local = not os.environ.get("RAY_ADDRESS")
         extra = {"include_dashboard": False} if self.lean and local else {}
         environ = dict(os.environ)
-        self.started = init_ray(log_to_driver=False, logging_level="ERROR", **extra)
+        beside = _beside_local_ray_start(self.while_starting) if local and self.while_starting else None
+        try:
+            self.started = init_ray(log_to_driver=False, logging_level="ERROR", **extra)
+        finally:
+            if beside is not None:
+                beside.join()
         # The environment every worker of a Ray started here inherits (from its raylet).
         self.inherited = environ if self.started and local else None
         return ray
@@ -461,6 +468,28 @@ class _RayScope:
 
         if self.started:
             shutdown_ray()
+
+
+def _beside_local_ray_start(work: Callable[[], None]):
+    """A started thread running ``work`` while the caller starts a local Ray.
+
+    ``ray.init`` spends most of its 3-4 s on 2 cores waiting, without the GIL, for the processes it
+    started (the raylet's registration with the GCS): measured in docs/benchmarks.md, MLflow's
+    imports (about 1.5 s of the driver's time) are done in that time instead of after it. Two threads importing at once can
+    meet inside a package that imports itself circularly and see it half-initialised, so the
+    modules that ``ray.init`` imports lazily and MLflow imports too (click, and what Ray's
+    dashboard check pulls in: aiohttp, OpenTelemetry, pydantic, gRPC) are imported here first;
+    from then on the two threads import no module in common. ``work`` must not raise.
+    """
+    import threading
+
+    import click  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # another Ray's layout: Ray imports what it needs itself
+        import ray.dashboard.optional_deps  # noqa: F401
+    thread = threading.Thread(target=work, name="beside-ray-start", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager
@@ -696,16 +725,16 @@ def run_study(spec: StudySpec, *, log=print) -> dict[str, Any]:
 
 
 def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=None) -> dict[str, Any]:
-    import mlflow
-
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     if not os.environ.get("RAY_ADDRESS"):
         concurrency(spec, *local_resources(gpus=bool(spec.budget.gpus_per_worker)))  # fail before Ray starts
     sdir = study_dir(spec.name)
     t0 = time.perf_counter()
-    scope = _RayScope(lean=spec.budget.path == "tune")
+    scope = _RayScope(lean=spec.budget.path == "tune", while_starting=lambda: tracking.warm_store(uri))
     with scope as ray:
+        import mlflow
+
         cpus, gpus, custom, nodes = _cluster_resources(ray)
         n = concurrency(spec, cpus, gpus, custom)
         _cluster_guard(ray, nodes)

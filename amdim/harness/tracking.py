@@ -15,6 +15,7 @@ device and dataset.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -83,6 +84,7 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -106,6 +108,11 @@ def git_commit() -> str:
 
 
 def package_versions() -> dict[str, str]:
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     out = {}
     for name in ("amdim", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy", "pandas"):
         try:
@@ -124,6 +131,27 @@ def run_tags(flat: dict[str, Any], device: str, extra: dict[str, str] | None = N
     }
     tags.update(extra or {})
     return tags
+
+
+def warm_store(uri: str) -> None:
+    """What a process's first MLflow call to ``uri`` does anyway, ahead of it: import MLflow and,
+    for a local SQLite store, its SQLAlchemy store and this machine's :func:`store_template`
+    (made once per machine); read the git commit and package versions that every run's tags
+    carry. A study runs this in a thread while ``ray.init`` waits for Ray's processes
+    (``study._RayScope``). It touches no store of the user's and never raises: it is only a head
+    start, and whatever fails here is done again, and reported, where MLflow is first used.
+    (Opening the store is left to that use: it takes some 0.1 s, and MLflow retries a store it
+    cannot open for minutes.)
+    """
+    try:
+        import mlflow  # noqa: F401
+
+        if sqlite_path(uri) is not None:
+            store_template()
+        git_commit()
+        package_versions()
+    except Exception:  # a head start only, see above
+        pass
 
 
 def _client(uri: str):
