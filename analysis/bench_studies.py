@@ -12,6 +12,12 @@
     and where the overhead goes: the wall before the first trial's run and after the last one's,
     and the idle tail (slot time left free at the end, when no trial is left to start).
 
+``python -m analysis.bench_studies smoke --repeat N`` (also ``minute``)
+    The same N times, each in its own runs folder (``RUNS/run-1`` ... ``RUNS/run-N``), and the
+    spread of each path's overhead over the N runs (each run's figure, min, median, max). One
+    run's figure moves by a few points with which trials ASHA stops (the results' order decides)
+    and with the machine's speed at the time; the median of several runs is the figure to quote.
+
 ``python -m analysis.bench_studies minute [--seconds 60]``
     The same split for ``studies/bench/minute.yaml``, whose trials are sized on this machine
     (a short timing of the training step first) to train about ``--seconds`` each.
@@ -357,6 +363,43 @@ def packing(args) -> dict:
     return {"runs": str(runs), "resource": args.resource, "arrangements": rows}
 
 
+SPREAD_KEYS = ("overhead_fraction", "overhead_fraction_without_idle_tail", "idle_tail_slot_s")
+
+
+def spread(runs: list[dict]) -> dict:
+    """Per path and per figure of :data:`SPREAD_KEYS`: each run's value, and their min, median
+    and max. ``runs`` are :func:`smoke` or :func:`minute` outputs; a path missing from a run (or
+    a figure missing from a path) is left out of that path's values, not counted as zero."""
+    import statistics
+
+    out: dict[str, dict] = {}
+    for path in dict.fromkeys(p for r in runs for p in r["paths"]):
+        figures = {}
+        for key in SPREAD_KEYS:
+            values = [r["paths"][path][key] for r in runs if path in r["paths"] and key in r["paths"][path]]
+            if values:
+                figures[key] = {
+                    "runs": values,
+                    "min": min(values),
+                    "median": round(statistics.median(values), 4),
+                    "max": max(values),
+                }
+        out[path] = figures
+    return out
+
+
+def repeated(bench, args) -> dict:
+    """``bench`` (:func:`smoke` or :func:`minute`) ``args.repeat`` times, each in a runs folder
+    of its own under ``args.runs``, and :func:`spread` over them."""
+    base = Path(args.runs or tempfile.mkdtemp(prefix="amdim-bench-"))
+    runs = []
+    for i in range(1, args.repeat + 1):
+        args.runs = str(base / f"run-{i}")
+        runs.append(bench(args))
+        print(f"run {i} of {args.repeat}: " + json.dumps(spread(runs[-1:])), file=sys.stderr)
+    return {"runs": str(base), **_machine(), "repeat": args.repeat, "spread": spread(runs), "each": runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.bench_studies", description=__doc__.splitlines()[0]
@@ -385,8 +428,17 @@ def main() -> int:
         choices=["tune,train", "tune", "train"],
         help="smoke, minute: the trial paths to run (default both, one after the other)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="smoke, minute: run it N times (each in its own runs folder) and report the spread",
+    )
     args = parser.parse_args()
-    out = {"smoke": smoke, "minute": minute, "search": search, "packing": packing}[args.which](args)
+    if args.repeat < 1 or (args.repeat > 1 and args.which not in ("smoke", "minute")):
+        parser.error("--repeat takes a count >= 1, and more than 1 only for smoke and minute")
+    bench = {"smoke": smoke, "minute": minute, "search": search, "packing": packing}[args.which]
+    out = repeated(bench, args) if args.repeat > 1 else bench(args)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
