@@ -418,6 +418,52 @@ def test_a_study_survives_a_killed_trial_a_killed_driver_and_a_diverged_trial(
     assert (counts["complete"], counts["diverged"], counts["total"]) == (2, 1, 3)
 
 
+INVALID_SPEC = {
+    "name": "invalid",
+    "base": json.loads(json.dumps(RESUME_SPEC["base"])),
+    # Each end of each range is valid against the base config (crop scales 0.3 to 1.0), so the
+    # spec parses; the grid's point (0.6, 0.5) is not a valid config (min above max).
+    "search": {
+        "aug.crop_scale_min": {"type": "choice", "values": [0.2, 0.6]},
+        "aug.crop_scale_max": {"type": "choice", "values": [0.5, 1.0]},
+    },
+    "budget": {"trials": 4, "epochs": 1, "max_concurrent": 1, "workers": 1, "cpus_per_worker": 1},
+    "scheduler": {"type": "none"},
+    "sampler": {"type": "grid", "seed": 0},
+}
+INVALID_SPEC["base"]["set"]["train.max_steps_per_epoch"] = 2
+
+
+def test_an_invalid_combination_of_sampled_values_fails_once_on_the_record_and_the_study_goes_on(tmp_path):
+    """Sampled values that are each valid but not together (a crop scale range with its minimum
+    above its maximum) make a configuration that would fail on every try: the trial ends at once
+    as failed, with the reason on its MLflow run and its Optuna trial (FAIL), is not restarted,
+    and the study goes on with the other points."""
+    runs, spec_path = tmp_path / "runs", tmp_path / "invalid.yaml"
+    spec_path.write_text(yaml.safe_dump(INVALID_SPEC))
+    proc = run_amdim(runs, "study", "run", str(spec_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Tune restarts it" not in proc.stdout  # no retry of a configuration that cannot work
+    failed_lines = [ln for ln in proc.stdout.splitlines() if " failed: " in ln]
+    assert len(failed_lines) == 1 and "crop_scale_min" in failed_lines[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    trials = _optuna(runs, "invalid").trials
+    assert len(trials) == 4
+    by_point = {(t.params["aug.crop_scale_min"], t.params["aug.crop_scale_max"]): t for t in trials}
+    bad = by_point.pop((0.6, 0.5))
+    assert bad.state == optuna.trial.TrialState.FAIL and bad.user_attrs["state"] == "failed"
+    assert "crop_scale_min" in bad.user_attrs["error"]
+    assert all(t.state == COMPLETE for t in by_point.values())
+    _, _, children = _children(runs, "invalid")
+    assert len(children) == 4  # every trial is on the record, the failed one too
+    run = next(r for r in children if r.data.tags["tune_trial_id"] == bad.user_attrs["tune_trial_id"])
+    assert (run.data.tags["state"], run.info.status) == ("failed", "FAILED")
+    assert "crop_scale_min" in run.data.tags["error"]
+    assert (run.data.params["aug.crop_scale_min"], run.data.params["aug.crop_scale_max"]) == ("0.6", "0.5")
+    assert "epoch" not in run.data.metrics  # it never trained
+    assert all(r.data.tags["state"] == "complete" for r in children if r is not run)
+
+
 def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     runs, _, _ = smoke
     out = tmp_path / "report"

@@ -170,6 +170,17 @@ BAD = {
         "points[0].loss.reg_weight: value 0.5 lies outside the search space",
     ),
     "grid over a float range": (_mutate("sampler/type", "grid"), "grid sampler needs type choice or int"),
+    "point whose values clash": (  # each value is in its range; together min > max
+        lambda raw: {
+            **raw,
+            "search": {
+                "aug.crop_scale_min": {"type": "float", "low": 0.1, "high": 0.6},
+                "aug.crop_scale_max": {"type": "float", "low": 0.5, "high": 1.0},
+            },
+            "points": [{"label": "clash", "aug.crop_scale_min": 0.6, "aug.crop_scale_max": 0.5}],
+        },
+        "points[0]: gives an invalid config: aug.crop_scale_min: need 0 < crop_scale_min <= crop_scale_max",
+    ),
     "bad study name": (_mutate("name", "a/b"), "name: must be 1-64 letters"),
     "GPUs beyond the machine": (
         _mutate("budget/gpus_per_worker", 1),

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from amdim.config import from_flat, to_flat
-from amdim.errors import UserError
+from amdim.errors import ConfigError, UserError
 from amdim.harness import tracking
 from amdim.harness.study_spec import SpecError, StudySpec, config_id, parse_spec
 
@@ -241,8 +241,16 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     flat = {**ctx["base_flat"], **sampled}
     if seed is not None:
         flat["train.seed"] = seed
-    cfg = from_flat(flat)
-    flat = to_flat(cfg)
+    try:
+        cfg = from_flat(flat)
+    except ConfigError as exc:
+        # Sampled values that are each valid but not together (e.g. a crop scale range whose
+        # minimum lies above its maximum): this configuration fails on every try, so the trial is
+        # recorded as failed and ends now, instead of raising into Tune's restarts.
+        cfg, invalid = None, str(exc)
+    else:
+        flat, invalid = to_flat(cfg), None
+    seed_value = cfg.train.seed if cfg is not None else flat["train.seed"]
     uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
 
     run_id = find_child(uri, ctx["experiment"], parent, trial_id)
@@ -253,10 +261,13 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             # Finished before the driver died, but after Tune last saved its state: report the
             # recorded result instead of training again.
             final = {k: v for k, v in run.data.metrics.items()}
-            ray.tune.report({**final, "epoch": int(final.get("epoch", cfg.train.epochs)), "recorded": 1})
+            ray.tune.report({**final, "epoch": int(final.get("epoch", flat["train.epochs"])), "recorded": 1})
             return
         if run.data.tags.get("state") == STATE_DIVERGED:  # it would diverge again
             ray.tune.report({"diverged": 1, "recorded": 1})
+            return
+        if invalid is not None and run.data.tags.get("state") == STATE_FAILED:
+            ray.tune.report({"invalid_config": 1, "error": invalid, "recorded": 1})
             return
         client.update_run(run_id, status="RUNNING")
     else:
@@ -269,18 +280,22 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 "tune_trial_id": trial_id,
                 "config_id": config_id(sampled),
                 "sampled_keys": ",".join(ctx["keys"]),
-                "seed": str(cfg.train.seed),
+                "seed": str(seed_value),
                 "setting": label,
                 "state": STATE_RUNNING,
                 "trial_path": ctx["launcher"],
                 **({"confirm_of": str(source)} if source is not None else {}),
             }
         )
-        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{cfg.train.seed}" if seed is not None else "")
+        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{seed_value}" if seed is not None else "")
         record = tracking.RunRecord.create(uri, ctx["experiment"], name, flat, tags, parent_run_id=parent)
         run_id = record.run_id
     client.set_tag(run_id, "state", STATE_RUNNING)
     client.set_tag(run_id, "driver_node", ray.get_runtime_context().get_node_id())
+    if invalid is not None:
+        mark_child(uri, run_id, STATE_FAILED, "FAILED", {"error": invalid[:4000]})
+        ray.tune.report({"invalid_config": 1, "error": invalid})
+        return
 
     b = ctx["budget"]
     if b["gpus_per_worker"]:

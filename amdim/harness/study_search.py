@@ -27,7 +27,8 @@ class AmdimOptunaSearch(OptunaSearch):
     intermediate values are the online probe (``online_metric``, step = epoch), and a trial whose
     last result has no ranking metric (ASHA stopped it) is told to Optuna as PRUNED, not as a
     COMPLETE trial with an early, worse value; one whose last result says ``diverged`` (its loss
-    stopped being finite) as FAIL. Each Optuna trial carries the Tune trial id as the
+    stopped being finite) or ``invalid_config`` (its sampled values make no valid configuration
+    together; user attribute ``error`` says why) as FAIL. Each Optuna trial carries the Tune trial id as the
     user attribute ``tune_trial_id`` so MLflow runs and Optuna trials can be joined.
     """
 
@@ -62,17 +63,26 @@ class AmdimOptunaSearch(OptunaSearch):
                 with contextlib.suppress(Exception):
                     self._report_online(trial_id, result)
             diverged = bool(result) and bool(result.get("diverged"))
+            invalid = bool(result) and bool(result.get("invalid_config"))
             finished = bool(result) and result.get(self.metric) is not None and not diverged
             state = (
-                "diverged" if diverged else "complete" if finished else "failed" if error else "early_stopped"
+                "diverged"
+                if diverged
+                else "complete"
+                if finished
+                else "failed"
+                if error or invalid
+                else "early_stopped"
             )
             try:
                 self._ot_trials[trial_id].set_user_attr("state", state)
+                if invalid:
+                    self._ot_trials[trial_id].set_user_attr("error", str(result.get("error", ""))[:1000])
                 if result and "epoch" in result:
                     self._ot_trials[trial_id].set_user_attr("epochs", int(result["epoch"]))
             except Exception:  # already finished in the database (told before a driver crash)
                 pass
-            if diverged:  # FAIL, not PRUNED: the configuration broke, it was not merely behind
+            if diverged or invalid:  # FAIL, not PRUNED: the configuration broke, it was not merely behind
                 result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -166,7 +176,7 @@ class StudyProgress(Callback):
         if result.get("checkpoint_path"):  # Train path: TuneReportCallback passes the Train checkpoint on
             path = os.path.join(result["checkpoint_path"], "checkpoint.pt")
             self._record(trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", path))
-        if self.rank in result or result.get("diverged"):
+        if self.rank in result or result.get("diverged") or result.get("invalid_config"):
             return  # the final report; on_trial_complete prints it
         value = result.get(self.online)
         shown = f"{value:.4f}" if isinstance(value, float) else value
@@ -183,6 +193,13 @@ class StudyProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
+        if last.get("invalid_config"):  # the trial marked its own run failed, with the reason
+            self._say(
+                f"trial {self._name(trial)} failed: {last.get('error', 'invalid configuration')} "
+                "(the sampled values do not make a valid configuration together; not restarted, "
+                "it would fail again)"
+            )
+            return
         if last.get("diverged"):  # the trial marked its own run diverged (FAILED)
             where = (
                 f" at epoch {last['diverged_at_epoch']}, step {last['diverged_at_step']}"

@@ -581,6 +581,10 @@ def _parse_points(
             if not p.contains(value):
                 _fail(f"{where}.{p.key}", f"value {value!r} lies outside the search space")
             point[p.key] = value
+        try:  # each value lies in its range; together they must make a valid config as well
+            with_overrides(base, point)
+        except ConfigError as exc:
+            _fail(where, f"gives an invalid config: {exc}")
         if point in points:
             _fail(where, f"repeats points[{points.index(point)}]")
         points.append(point)
