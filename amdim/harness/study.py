@@ -247,10 +247,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # Sampled values that are each valid but not together (e.g. a crop scale range whose
         # minimum lies above its maximum): this configuration fails on every try, so the trial is
         # recorded as failed and ends now, instead of raising into Tune's restarts.
-        cfg, invalid = None, str(exc)
+        invalid = str(exc)
     else:
         flat, invalid = to_flat(cfg), None
-    seed_value = cfg.train.seed if cfg is not None else flat["train.seed"]
     uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
 
     run_id = find_child(uri, ctx["experiment"], parent, trial_id)
@@ -280,14 +279,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 "tune_trial_id": trial_id,
                 "config_id": config_id(sampled),
                 "sampled_keys": ",".join(ctx["keys"]),
-                "seed": str(seed_value),
+                "seed": str(flat["train.seed"]),
                 "setting": label,
                 "state": STATE_RUNNING,
                 "trial_path": ctx["launcher"],
                 **({"confirm_of": str(source)} if source is not None else {}),
             }
         )
-        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{seed_value}" if seed is not None else "")
+        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{flat['train.seed']}" if seed is not None else "")
         record = tracking.RunRecord.create(uri, ctx["experiment"], name, flat, tags, parent_run_id=parent)
         run_id = record.run_id
     client.set_tag(run_id, "state", STATE_RUNNING)

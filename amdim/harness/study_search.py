@@ -65,15 +65,12 @@ class AmdimOptunaSearch(OptunaSearch):
             diverged = bool(result) and bool(result.get("diverged"))
             invalid = bool(result) and bool(result.get("invalid_config"))
             finished = bool(result) and result.get(self.metric) is not None and not diverged
-            state = (
-                "diverged"
-                if diverged
-                else "complete"
-                if finished
-                else "failed"
-                if error or invalid
-                else "early_stopped"
-            )
+            if diverged:
+                state = "diverged"
+            elif finished:
+                state = "complete"
+            else:
+                state = "failed" if error or invalid else "early_stopped"
             try:
                 self._ot_trials[trial_id].set_user_attr("state", state)
                 if invalid:

@@ -284,7 +284,7 @@ def _parse_param(key: str, raw: Any, base: Config, where: str) -> Param:
             _fail(f"{where}.values", "lists a value twice")
         param = Param(key, "choice", values=canon)
         for v in canon:
-            _check_reaches_config(param, base, v, f"{where}.values")
+            _check_reaches_config(base, {key: v}, f"{where}.values", f"value {v!r} ")
         return param
     typ = _field_type(key)
     scalar = next((a for a in getattr(typ, "__args__", (typ,)) if a is not type(None)), typ)
@@ -317,16 +317,17 @@ def _parse_param(key: str, raw: Any, base: Config, where: str) -> Param:
     cast = int if kind == "int" else float
     param = Param(key, kind, low=cast(low), high=cast(high), log=log, step=step)
     for v in (param.low, param.high):
-        _check_reaches_config(param, base, v, where)
+        _check_reaches_config(base, {key: v}, where, f"value {v!r} ")
     return param
 
 
-def _check_reaches_config(param: Param, base: Config, value: Any, where: str) -> None:
-    """Every end of the space must build a valid config (else trials would fail at random)."""
+def _check_reaches_config(base: Config, overrides: dict[str, Any], where: str, what: str = "") -> None:
+    """``base`` with ``overrides`` must build a valid config: every end of the space (else trials
+    would fail at random), and every listed point as a whole. ``what`` starts the message."""
     try:
-        with_overrides(base, {param.key: value})
+        with_overrides(base, overrides)
     except ConfigError as exc:
-        _fail(where, f"value {value!r} gives an invalid config: {exc}")
+        _fail(where, f"{what}gives an invalid config: {exc}")
 
 
 SPEC_SETTABLE = (
@@ -581,10 +582,7 @@ def _parse_points(
             if not p.contains(value):
                 _fail(f"{where}.{p.key}", f"value {value!r} lies outside the search space")
             point[p.key] = value
-        try:  # each value lies in its range; together they must make a valid config as well
-            with_overrides(base, point)
-        except ConfigError as exc:
-            _fail(where, f"gives an invalid config: {exc}")
+        _check_reaches_config(base, point, where)  # each value is in its range; together too
         if point in points:
             _fail(where, f"repeats points[{points.index(point)}]")
         points.append(point)
