@@ -105,6 +105,24 @@ Switch = typing.Literal["auto", "true", "false"]
 DATA_KINDS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "npz")
 
 
+def dataset_name(spec: str) -> str:
+    """The dataset a data spec reads, as results tables name it: the kind for cifar10, cifar100
+    and stl10 (where their folders lie does not change what they hold); the file's name without
+    ``.npz`` for ``npz:PATH`` and the folder's name for ``imagefolder:ROOT`` (their kind alone would
+    put different datasets in one column); the whole spec for ``synthetic`` with options, whose
+    options make different images."""
+    import os
+
+    text = spec.strip()
+    kind, _, rest = text.partition(":")
+    if kind == "synthetic":
+        return text if rest else kind
+    if kind not in ("npz", "imagefolder"):
+        return kind
+    base = os.path.basename(rest.split(",")[0].rstrip("/\\"))
+    return (base.removesuffix(".npz") if kind == "npz" else base) or kind
+
+
 def data_spec_problem(spec: str) -> str | None:
     """What is wrong with a data spec that can be seen without loading it (an unknown kind, a
     missing path), or None. Cheap: a launcher checks this before it starts any process."""

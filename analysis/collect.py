@@ -3,7 +3,8 @@
 ``collect(name)`` returns ``(trials, curves)``:
 
 * ``trials``: one row per trial and seed (search and confirm stages): study, stage, trial (Optuna
-  number for the search, position for the confirm stage), run_id, state, seed, setting, dataset,
+  number for the search, position for the confirm stage), run_id, state, seed, setting, dataset
+  (:func:`amdim.config.dataset_name`: ``cifar10``, an npz file's or image folder's name, ...),
   config_id, epochs, wall_s, best/final online linear-probe test accuracy, best online MLP
   accuracy, best/final online accuracy on the validation split (``data.online_val_fraction``;
   NaN without it), the final offline probe accuracies (NaN when the trial did not finish), and
@@ -23,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from amdim.config import dataset_name
 from amdim.errors import UserError
 from amdim.harness import tracking
 
@@ -95,7 +97,7 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             "state": tags.get("state", "running"),
             "seed": int(params.get("train.seed", 0)),
             "setting": tags.get("setting", ""),
-            "dataset": params.get("data.spec", "").split(":")[0],
+            "dataset": dataset_name(params.get("data.spec", "")),
             "config_id": tags.get("config_id", ""),
             "epochs": int(max(lin)) if lin else 0,
             "wall_s": float(wall) if wall is not None else math.nan,

@@ -80,3 +80,22 @@ def test_parse_set_args():
     assert C.parse_set_args(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ConfigError):
         C.parse_set_args(["novalue"])
+
+
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        ("synthetic", "synthetic"),
+        ("synthetic:n_train=1024,n_test=256", "synthetic:n_train=1024,n_test=256"),
+        ("cifar10:/data/cifar", "cifar10"),
+        ("cifar100:/elsewhere/c100/", "cifar100"),
+        ("stl10:~/stl", "stl10"),
+        ("npz:../shared/data/cifar10-subset.npz", "cifar10-subset"),
+        ("npz:/data/other.npz", "other"),
+        ("imagefolder:/data/imagenet/,decode=146", "imagenet"),
+        ("imagefolder:/data/places205", "places205"),
+    ],
+)
+def test_dataset_name_tells_datasets_of_one_kind_apart(spec, name):
+    # Two npz files (or image folders) are two datasets: a results table must not average them.
+    assert C.dataset_name(spec) == name

@@ -482,6 +482,7 @@ def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     _, _, children = _children(runs, "smoke")
     assert len(trials) == len(children)
     assert set(trials["state"]) <= {"complete", "early_stopped"}
+    assert set(trials["dataset"]) == {SMOKE_TEST_SIZE[1]}  # the synthetic data's options make its images
     assert trials["best_online_val_acc"].between(0, 1).all()  # the smoke spec has the split
     curves = pd.read_csv(out / "curves.csv")
     assert curves["val_acc_lin"].between(0, 1).all() and curves["test_acc_lin"].between(0, 1).all()
