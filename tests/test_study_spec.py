@@ -352,3 +352,39 @@ def test_research_specs_record_the_measured_signal_and_do_not_early_stop(name):
     spec = load_spec(STUDIES / f"{name}.yaml", {"data.spec": "synthetic"})
     assert spec.online_metric == "val_acc_lin" and spec.base.data.online_val_fraction > 0
     assert spec.scheduler.type == "none" and spec.rank_metric == "probe_val_accuracy"
+
+
+@pytest.mark.parametrize(
+    "state, expected",
+    [
+        # What a study started before the Ray-importing modules moved to amdim/harness/ left: Tune
+        # state that names amdim.study_search (the pickle opcode GLOBAL, then STOP).
+        (b"camdim.study_search\nAmdimOptunaSearch\n.", "No module named 'amdim.study_search'"),
+        (b"\x80\x05\x95\x10\x00\x00", "does not load in this version"),  # cut short by a full disk
+    ],
+    ids=["earlier version", "damaged"],
+)
+def test_a_tune_state_this_version_cannot_load_is_one_line_and_touches_nothing(
+    state, expected, isolated, capsys
+):
+    import json
+
+    import ray
+
+    from amdim.harness.study import study_dir
+
+    spec_path = isolated / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_good(), allow_unicode=True))
+    spec = load_spec(spec_path)
+    sdir = study_dir(spec.name)
+    (sdir / "tune" / "search").mkdir(parents=True)
+    (sdir / "spec.json").write_text(json.dumps({"fingerprint": spec.fingerprint(), "source": spec.source}))
+    (sdir / "tune" / "search" / "tuner.pkl").write_bytes(state)
+    before = sorted(p.relative_to(isolated) for p in isolated.rglob("*"))
+    code = cli.main(["study", "run", str(spec_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and err.startswith("amdim: error: study 'smoke' cannot be resumed"), err
+    assert expected in err and "recorded runs are untouched" in err, err
+    assert not ray.is_initialized()
+    assert sorted(p.relative_to(isolated) for p in isolated.rglob("*")) == before  # no MLflow store either

@@ -634,6 +634,30 @@ def _fail_orphans(spec: StudySpec) -> int:
     return n
 
 
+def _check_tune_state(spec: StudySpec, exp_path: Path) -> None:
+    """Refuse to resume from a saved Tune state that this version cannot load: a study started by
+    an earlier amdim whose modules have moved since (e.g. ``amdim.study_search`` before
+    ``amdim/harness/``), or a damaged ``tuner.pkl``. Tune would raise the same from
+    ``Tuner.restore``, after the parent run and the Optuna trials had been touched."""
+    path = exp_path / "tuner.pkl"
+    if not path.is_file():
+        return
+    import pickle
+
+    import ray.tune  # noqa: F401  (what the state refers to; Ray itself need not run)
+
+    try:
+        with path.open("rb") as f:
+            pickle.load(f)
+    except Exception as exc:  # whatever stops it loading stops Tune's restore too
+        raise UserError(
+            f"study '{spec.name}' cannot be resumed: its Tune state {path} does not load in this "
+            f"version of amdim ({type(exc).__name__}: {exc}), so another version started the study "
+            "or the file is damaged; its recorded runs are untouched: finish it with the version "
+            "that started it, or give the study a new name to start it afresh"
+        ) from None
+
+
 def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Path, log):
     import logging
 
@@ -740,6 +764,8 @@ def run_study(spec: StudySpec, *, log=print) -> dict[str, Any]:
 
 
 def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=None) -> dict[str, Any]:
+    if resuming:
+        _check_tune_state(spec, study_dir(spec.name) / "tune" / stage)  # before anything is written
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     if not os.environ.get("RAY_ADDRESS"):
