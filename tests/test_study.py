@@ -464,6 +464,29 @@ def test_an_invalid_combination_of_sampled_values_fails_once_on_the_record_and_t
     assert all(r.data.tags["state"] == "complete" for r in children if r is not run)
 
 
+def test_an_invalid_combination_on_the_train_path_fails_before_any_train_job(tmp_path):
+    """The same check on a trial of two workers: it ends as failed before it starts a Ray Train job."""
+    spec = json.loads(json.dumps(INVALID_SPEC))
+    spec["name"] = "invalid-train"
+    spec["search"] = {"aug.crop_scale_min": {"type": "choice", "values": [0.6]},
+                      "aug.crop_scale_max": {"type": "choice", "values": [0.5]}}  # fmt: skip
+    spec["budget"].update(trials=1, workers=2, cpus_per_worker=0.5)
+    runs, spec_path = tmp_path / "runs", tmp_path / "invalid.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    proc = run_amdim(runs, "study", "run", str(spec_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Tune restarts it" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    (trial,) = _optuna(runs, "invalid-train").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and "crop_scale_min" in trial.user_attrs["error"]
+    _, _, (run,) = _children(runs, "invalid-train")
+    assert (run.data.tags["state"], run.info.status, run.data.tags["trial_path"]) == (
+        "failed",
+        "FAILED",
+        "train",
+    )
+    assert not list((runs / "studies" / "invalid-train" / "train").glob("*"))  # no Train run was started
+
+
 def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     runs, _, _ = smoke
     out = tmp_path / "report"
