@@ -644,11 +644,9 @@ def _check_tune_state(spec: StudySpec, exp_path: Path) -> None:
         return
     import pickle
 
-    import ray.tune  # noqa: F401  (what the state refers to; Ray itself need not run)
-
     try:
         with path.open("rb") as f:
-            pickle.load(f)
+            pickle.load(f)  # imports what the state refers to (ray.tune, ...); Ray need not run
     except Exception as exc:  # whatever stops it loading stops Tune's restore too
         raise UserError(
             f"study '{spec.name}' cannot be resumed: its Tune state {path} does not load in this "
