@@ -26,16 +26,30 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's own device only: a resume may see another number of GPUs (a trial
+        # restarted on another node, a node type with more or fewer of them), and one process
+        # trains on one device.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": random.getstate(),
     }
 
 
+def cuda_state_for(saved: list[Any], device_index: int) -> Any | None:
+    """The saved CUDA RNG state to give the current device: the one entry a checkpoint of this
+    format holds (its process's device), or, from an older checkpoint that saved every visible
+    GPU's state, the entry of the same index where there is one, else the first. None: none saved."""
+    if not saved:
+        return None
+    return saved[device_index] if device_index < len(saved) else saved[0]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        cuda = cuda_state_for(state.get("cuda") or [], torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]

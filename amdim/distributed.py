@@ -3,6 +3,10 @@
 The official code replicates the NCE targets to every GPU, so each source sees the whole global
 batch as negatives. Under DDP the same is obtained by all-gathering the target maps with
 :func:`all_gather_with_grad` while keeping the sources local.
+
+The gather is one single-tensor all-gather forward and one reduce-scatter backward: collectives
+that ``torch.compile`` traces (no graph break around the loss), with half the traffic of an
+all-reduce of the whole gathered gradient.
 """
 
 from __future__ import annotations
@@ -10,6 +14,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# torch 2.14 names the single-tensor collectives all_gather_single / reduce_scatter_single and
+# deprecates all_gather_into_tensor / reduce_scatter_tensor, which are all that torch 2.11 (the
+# GPU machines' image) has. Same signatures; dynamo traces both spellings.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def world() -> tuple[int, int]:
@@ -20,24 +30,26 @@ def world() -> tuple[int, int]:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather + cat forward; all-reduce (SUM) of the gradient and this rank's slice backward."""
+    """All-gather along dim 0 forward; reduce-scatter (SUM) of the gradient backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        rank, size = world()
+        size = dist.get_world_size()
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x)
-        ctx.rank, ctx.n = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         # Every rank's loss depends on this rank's rows, but only the other ranks hold those
-        # gradients: summing over ranks collects them all, then each rank keeps its own rows.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        # gradients: the reduce-scatter sums each rank's slice over all ranks and hands it to
+        # that rank.
+        size = dist.get_world_size()
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM)
+        return out
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
@@ -58,4 +70,19 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
-__all__ = ["all_gather_with_grad", "world"]
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in DDP for this rank of the default process group (the identity alone).
+
+    Parameters the configured loss never reaches are frozen by the model itself
+    (:meth:`amdim.model.AMDIM.unused_by_loss`), so DDP can keep ``find_unused_parameters=False``
+    and skip walking the autograd graph after every backward pass.
+    """
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+__all__ = ["all_gather_with_grad", "world", "wrap_ddp"]

@@ -37,6 +37,32 @@ class AMDIM(nn.Module):
             MixtureHead(model_cfg.n_rkhs, loss_cfg.n_mix, loss_cfg.mix_hidden) if loss_cfg.n_mix > 1 else None
         )
         self.probes = OnlineProbes(model_cfg.n_rkhs, n_classes, model_cfg.mlp_hidden, model_cfg.mlp_dropout)
+        # What the configured loss never reaches gets no gradient: frozen, so that DDP (which
+        # waits for a gradient of every parameter that requires one) and the optimiser skip it.
+        # The modules stay, so checkpoints keep one layout whatever the loss.
+        for module in self.unused_by_loss():
+            module.requires_grad_(False)
+
+    def unused_by_loss(self) -> list[nn.Module]:
+        """The modules no term of ``loss_cfg`` reaches (spec 3.2): the embedding head of a map no
+        pair uses; without a pair whose antecedent is the global feature, the mixture head and
+        the trunk above the highest local tap in use (the online probes read that feature
+        detached); with mixtures on, the mixture head when no configured pair uses them."""
+        pairs = self.loss_cfg.pairs
+        sizes = {int(pair[i]) for pair in pairs for i in (0, 2)}
+        unused: list[nn.Module] = []
+        enc = self.encoder
+        if 5 not in sizes:
+            unused.append(enc.rkhs_5)
+        if 7 not in sizes:
+            unused.append(enc.rkhs_7)
+        global_src = any(pair[0] == "1" for pair in pairs)
+        if self.mixture is not None and not (global_src and set(pairs) & set(self.loss_cfg.mix_pairs)):
+            unused.append(self.mixture)
+        if not global_src:
+            top = max(enc.tap_5 if 5 in sizes else -1, enc.tap_7 if 7 in sizes else -1)
+            unused.extend(enc.layers[top + 1 :])
+        return unused
 
     def forward(
         self,

@@ -399,7 +399,7 @@ def fit(
         bundle: preloaded data (loaded from ``cfg.data.spec`` when None).
         resume: a checkpoint payload to continue from.
         dist: rank and world size when running as one process of a group.
-        wrap_model: e.g. DDP; applied after the model is on its device.
+        wrap_model: e.g. DDP; applied after the model is on its device, before ``torch.compile``.
         on_epoch_end: called with (epoch metrics, payload factory) after every epoch on every rank.
         log: a line logger (rank 0 only is sensible).
         device: overrides ``cfg.train.device`` (a Ray worker is told its device by Ray).
@@ -426,10 +426,12 @@ def fit(
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     model: nn.Module = core
-    if cfg.train.compile:
-        model = torch.compile(model, backend=cfg.train.compile_backend)
     if wrap_model is not None:
         model = wrap_model(model)
+    if cfg.train.compile:
+        # After the DDP wrap, as PyTorch documents: compile then sees DDP's bucket hooks and
+        # splits the graph at them, so the gradient all-reduce overlaps the backward pass.
+        model = torch.compile(model, backend=cfg.train.compile_backend)
     state = TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
     if resume is not None:
         restore(state, resume)

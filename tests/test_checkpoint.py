@@ -51,3 +51,27 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"format": ckpt_io.FORMAT, "config": Evil(), "model": {}, "n_classes": 1, "epoch": 0}, path)
     with pytest.raises(CheckpointError, match="cannot be read"):
         ckpt_io.load(path)
+
+
+def test_the_cuda_rng_state_to_restore_follows_this_processs_device():
+    """A checkpoint holds its own process's CUDA RNG state; one written by an older version holds
+    every GPU it saw. Either resumes where another number of GPUs is visible."""
+    a, b, c = (torch.full((4,), v, dtype=torch.uint8) for v in (1, 2, 3))
+    assert ckpt_io.cuda_state_for([a], 0) is a  # this format: one entry, whatever the device
+    assert ckpt_io.cuda_state_for([a], 3) is a
+    assert ckpt_io.cuda_state_for([a, b, c], 1) is b  # older format: the same device's entry
+    assert ckpt_io.cuda_state_for([a, b], 5) is a  # ... or the first, with fewer saved than visible
+    assert ckpt_io.cuda_state_for([], 0) is None  # written on a CPU
+    state = ckpt_io.rng_state()
+    assert state["cuda"] == [] if not torch.cuda.is_available() else len(state["cuda"]) == 1
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_from_a_node_with_more_gpus_resumes_on_one(tmp_path):
+    one = torch.cuda.get_rng_state()
+    state = {**ckpt_io.rng_state(), "cuda": [one] * 8}  # as if written where 8 GPUs were visible
+    path = ckpt_io.save(
+        tmp_path / "c.pt", {"config": {}, "model": {}, "n_classes": 1, "epoch": 1, "rng": state}
+    )
+    ckpt_io.set_rng_state(ckpt_io.load(path)["rng"])  # one visible GPU here: no error
+    assert torch.equal(torch.cuda.get_rng_state(), one)

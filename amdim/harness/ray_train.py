@@ -176,8 +176,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
+    from amdim.distributed import wrap_ddp
     from amdim.harness.trial import registered_checkpoints, train_and_report, worker_threads
 
     ctx = ray.train.get_context()
@@ -190,17 +190,13 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     snapshot = ctx.get_storage().checkpoint_manager_snapshot_path
 
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids) if world > 1 else model
-
     train_and_report(
         loop_config,
         session=ray.train,
         rank=rank,
         world=world,
         device=device,
-        wrap_model=wrap,
+        wrap_model=lambda model: wrap_ddp(model, device),
         tags={"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)},
         registered=lambda: registered_checkpoints(snapshot),
     )
