@@ -2,7 +2,8 @@
 
 Every user mistake (bad ``--set``, missing data, corrupt checkpoint, a GPU asked for where none
 exists) ends as one line on stderr and exit code 2, never a traceback. A run whose loss stops
-being finite ends the same way, with exit code 3.
+being finite ends the same way, with exit code 3; a study stage in which every trial failed with
+4 (the most common reason in the line); Ctrl-C with 130 (a study: resumable by the same command).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from amdim.harness.local import json_default
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # training stopped on a non-finite loss
+EXIT_FAILED = 4  # a study stage ended with every one of its trials failed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, data_default: str | None = None) -> None:
@@ -290,6 +293,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(study.format_status(summary))
     if "wall_s" in summary:
         print(f"wall-clock {summary['wall_s']:.1f} s")
+    if summary.get("interrupted"):
+        print(
+            f"amdim: study '{summary['study']}' interrupted; run the same command to resume it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if summary.get("all_failed"):
+        print(f"amdim: error: study '{summary['study']}': {summary['all_failed']}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -500,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("amdim: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

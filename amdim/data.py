@@ -35,11 +35,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from amdim.augment import TorchvisionTwoViews, _tv, test_transform
-from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, DATA_KINDS, AugConfig, DataConfig
+from amdim.config import AUG_CIFAR, AUG_IMAGENET, AUG_STL10, AugConfig, DataConfig
+from amdim.dataindex import (
+    IMAGE_EXTENSIONS,
+    KINDS,
+    NPZ_KEYS,
+    SYNTHETIC_OPTIONS,
+    check_readable,
+    download_hint,
+    imagefolder_dirs,
+    npz_index,
+    options,
+    require_dir,
+)
 from amdim.errors import ConfigError, DataError
-
-KINDS = DATA_KINDS
-_USAGE = "synthetic[:k=v,...], cifar10:ROOT, cifar100:ROOT, stl10:ROOT, imagefolder:ROOT, npz:PATH"
 
 # Normalisation per dataset family (spec 5.2) and the augmentation family each one reports.
 FAMILY_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -48,7 +57,6 @@ FAMILY_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 FAMILY_AUG: dict[str, AugConfig] = {"cifar": AUG_CIFAR, "stl10": AUG_STL10, "imagenet": AUG_IMAGENET}
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
 class ImageFiles(Dataset):
@@ -124,42 +132,20 @@ def load_data(spec: str = "synthetic", image_size: int = 32) -> DataBundle:
     Raises:
         DataError: one line naming the problem (unknown kind, missing path, malformed file).
     """
+    check_readable(spec)  # a user's mistake, from the dataset's index: one line, before any loading
     kind, _, rest = spec.strip().partition(":")
-    if kind not in KINDS:
-        raise DataError(f"data spec '{spec}': unknown kind '{kind}' (allowed: {_USAGE})")
     if kind == "synthetic":
-        return _load_synthetic(
-            _options(spec, rest, ("n_train", "n_test", "size", "classes", "seed")), image_size
-        )
+        return _load_synthetic(options(spec, rest, SYNTHETIC_OPTIONS), image_size)
     path, *opts = rest.split(",")
-    if not path:
-        raise DataError(f"data spec '{spec}': {kind} needs a path, e.g. {kind}:/data/{kind}")
     path = os.path.expanduser(path)
     if kind == "imagefolder":
-        options = _options(spec, ",".join(opts), ("decode",))
-        return _load_imagefolder(path, options.get("decode", round(image_size * 146 / 128)))
-    if opts:
-        raise DataError(f"data spec '{spec}': {kind} takes no options")
+        decode = options(spec, ",".join(opts), ("decode",)).get("decode", round(image_size * 146 / 128))
+        return _load_imagefolder(path, decode)
     if kind == "npz":
         return _load_npz(path)
     if kind == "stl10":
         return _load_stl10(path)
     return _load_cifar(kind, path)
-
-
-def _options(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, eq, value = item.partition("=")
-        if key not in allowed or not eq:
-            raise DataError(f"data spec '{spec}': bad option '{item}' (allowed: {', '.join(allowed)})")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise DataError(f"data spec '{spec}': option {key} needs an integer, got '{value}'") from None
-        if out[key] < (0 if key == "seed" else 1):
-            raise DataError(f"data spec '{spec}': option {key} must be positive, got {value}")
-    return out
 
 
 # --- synthetic shapes -----------------------------------------------------------------------------
@@ -329,30 +315,12 @@ def _family_for_size(side: int) -> str:
 
 
 def _load_npz(path: str) -> DataBundle:
-    if not os.path.isfile(path):
-        raise DataError(
-            f"npz:{path}: no such file (an .npz with x_train, y_train, x_test, y_test; uint8 NCHW images)"
-        )
+    npz_index(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"npz:{path}: cannot read ({e})") from None
-    need = ("x_train", "y_train", "x_test", "y_test")
-    missing = [k for k in need if k not in arrays]
-    if missing:
-        raise DataError(f"npz:{path}: missing key(s) {', '.join(missing)} (need {', '.join(need)})")
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8:
-            raise DataError(f"npz:{path}: x_{split} must be uint8, got {x.dtype}")
-        if x.ndim != 4 or x.shape[1] != 3:
-            hint = " (looks like NHWC: transpose to NCHW)" if x.ndim == 4 and x.shape[-1] == 3 else ""
-            raise DataError(f"npz:{path}: x_{split} must be (N, 3, H, W), got {x.shape}{hint}")
-        if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
-            raise DataError(f"npz:{path}: y_{split} must be integer ({len(x)},), got {y.dtype} {y.shape}")
-    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-        raise DataError(f"npz:{path}: x_train and x_test image shapes differ")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+    except Exception as e:  # a damaged member past its header: bad CRC, truncated data
+        raise DataError(f"npz:{path}: cannot read ({type(e).__name__}: {e})") from None
     x_train, x_test = (torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in ("x_train", "x_test"))
     y_train, y_test = (torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y_train", "y_test"))
     if len(y_test) and int(y_test.min()) < 0:
@@ -366,33 +334,21 @@ def _load_npz(path: str) -> DataBundle:
     return DataBundle(name, family, n_classes, mean, std, x_train, y_train, x_test, y_test, probe_x, probe_y)
 
 
-def _require_dir(kind: str, root: str, sub: str, how: str) -> None:
-    if not os.path.isdir(os.path.join(root, sub)):
-        where = f"{root} does not exist" if not os.path.isdir(root) else f"no {sub}/ under {root}"
-        raise DataError(f"{kind}:{root}: {where}; {how}")
-
-
-def _download_hint(cls_name: str, root: str, extra: str = "") -> str:
-    return (
-        f'download it with: python -c "import torchvision; '
-        f"torchvision.datasets.{cls_name}('{root}'{extra}, download=True)\""
-    )
-
-
 def _tv_dataset(kind: str, root: str, cls_name: str, **kwargs: Any) -> Any:
     import torchvision.datasets as tvd
 
     try:
         return getattr(tvd, cls_name)(root, download=False, **kwargs)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
-        raise DataError(f"{kind}:{root}: {str(e).splitlines()[0]} {_download_hint(cls_name, root)}") from None
+    except Exception as e:  # torchvision: "Dataset not found or corrupted."; a damaged batch file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{kind}:{root}: {first} {download_hint(cls_name, root)}") from None
 
 
 def _load_cifar(kind: str, root: str) -> DataBundle:
     cls_name, sub, n_classes = (
         ("CIFAR10", "cifar-10-batches-py", 10) if kind == "cifar10" else ("CIFAR100", "cifar-100-python", 100)
     )
-    _require_dir(kind, root, sub, _download_hint(cls_name, root))
+    require_dir(kind, root, sub, download_hint(cls_name, root))
     splits = []
     for train in (True, False):
         ds = _tv_dataset(kind, root, cls_name, train=train)
@@ -404,7 +360,7 @@ def _load_cifar(kind: str, root: str) -> DataBundle:
 
 
 def _load_stl10(root: str) -> DataBundle:
-    _require_dir("stl10", root, "stl10_binary", _download_hint("STL10", root, ", split='train+unlabeled'"))
+    require_dir("stl10", root, "stl10_binary", download_hint("STL10", root, ", split='train+unlabeled'"))
     train = _tv_dataset("stl10", root, "STL10", split="train+unlabeled")
     test = _tv_dataset("stl10", root, "STL10", split="test")
     x_train, y_train = torch.from_numpy(train.data), torch.from_numpy(train.labels.astype(np.int64))
@@ -413,10 +369,6 @@ def _load_stl10(root: str) -> DataBundle:
     mean, std = FAMILY_STATS["stl10"]
     probe_x, probe_y = x_train[:n_labelled], y_train[:n_labelled]
     return DataBundle("stl10", "stl10", 10, mean, std, x_train, y_train, x_test, y_test, probe_x, probe_y)
-
-
-def _find_dir(root: str, names: tuple[str, ...]) -> str | None:
-    return next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
 
 
 def _image_files(folder: str, classes: dict[str, int], spec: str) -> tuple[list[str], list[int]]:
@@ -430,7 +382,7 @@ def _image_files(folder: str, classes: dict[str, int], spec: str) -> tuple[list[
         if name not in classes:
             raise DataError(f"{spec}: class folder '{name}' in {folder} is not a training class")
         for entry in sorted(os.scandir(os.path.join(folder, name)), key=lambda e: e.name):
-            if entry.is_file() and entry.name.lower().endswith(_IMAGE_EXTENSIONS):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 files.append(entry.path)
                 labels.append(classes[name])
     if not files:
@@ -440,17 +392,7 @@ def _image_files(folder: str, classes: dict[str, int], spec: str) -> tuple[list[
 
 def _load_imagefolder(root: str, decode: int) -> DataBundle:
     spec = f"imagefolder:{root}"
-    if not os.path.isdir(root):
-        raise DataError(
-            f"{spec}: {root} does not exist (need {root}/train/<class>/* and {root}/val/<class>/*)"
-        )
-    train_dir = _find_dir(root, ("train", "ILSVRC2012_img_train", "places205_256_train"))
-    val_dir = _find_dir(root, ("val", "ILSVRC2012_img_val", "places205_256_val"))
-    if train_dir is None or val_dir is None:
-        raise DataError(
-            f"{spec}: need {root}/train/<class>/* and {root}/val/<class>/* "
-            "(or ILSVRC2012_img_train / ILSVRC2012_img_val)"
-        )
+    train_dir, val_dir = imagefolder_dirs(root)
     class_names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
     classes = {name: k for k, name in enumerate(class_names)}
     train_files, train_labels = _image_files(train_dir, classes, spec)
@@ -779,6 +721,7 @@ __all__ = [
     "ImageFiles",
     "TrainLoader",
     "augment_generator",
+    "check_readable",
     "eval_loader",
     "hold_out_online_val",
     "load_data",

@@ -120,7 +120,9 @@ def _study_figures(spec) -> dict:
     evals = sum(_sum_metric(client, r.info.run_id, "eval_time_s") for r in children)
     probe = sum(_sum_metric(client, r.info.run_id, "probe_time_s") for r in children)
     epochs = sum(len({m.step for m in client.get_metric_history(r.info.run_id, "epoch")}) for r in children)
-    slots = study.concurrency(spec, *study.local_resources())
+    from amdim.harness.raycluster import this_machine
+
+    slots = study.concurrency(spec, this_machine(), "this machine")
     in_trial = train + evals + probe
     by_start = sorted(children, key=lambda r: r.info.start_time)
     startup = [

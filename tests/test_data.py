@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,64 @@ def test_data_errors_are_one_line(tmp_path):
     one_line_error(f"npz:{nhwc}", "NHWC")
     short = write_npz(tmp_path / "s.npz", y_train=np.zeros(3, np.int64))
     one_line_error(f"npz:{short}", "y_train")
+
+
+def test_a_damaged_npz_is_one_line_and_found_from_its_index(tmp_path):
+    """A file that is no npz archive, or one cut short, is refused by check_readable (the launchers'
+    check, which reads only the archive's directory and the arrays' headers) with the same line
+    load_data gives; data damaged past the headers only load_data can see, also in one line."""
+    from amdim.data import check_readable
+
+    good = Path(write_npz(tmp_path / "good.npz"))
+    cases = {
+        "text.npz": b"x_train,y_train\n1,2\n",  # a text file given as npz:PATH
+        "truncated.npz": good.read_bytes()[: good.stat().st_size // 2],
+        "empty.npz": b"",
+    }
+    np.save(tmp_path / "array.npy", np.zeros((2, 3), np.uint8))
+    cases["array.npz"] = (tmp_path / "array.npy").read_bytes()  # one .npy array, not an archive
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        spec = f"npz:{tmp_path / name}"
+        with pytest.raises(DataError) as checked:
+            check_readable(spec)
+        assert str(checked.value) == one_line_error(spec, name, "not a readable .npz archive")
+    big = Path(
+        write_npz(
+            tmp_path / "big.npz", x_train=np.ones((2000, 3, 8, 8), np.uint8), y_train=np.arange(2000) % 4
+        )
+    )
+    damaged = bytearray(big.read_bytes())  # x_train larger than a zip read: its header reads alone
+    start = (
+        damaged.index(b"\x93NUMPY", damaged.index(b"x_train.npy")) + 200
+    )  # x_train's data, past its header
+    damaged[start : start + 64] = bytes(64)
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    check_readable(f"npz:{tmp_path / 'damaged.npz'}")  # its index is intact
+    one_line_error(f"npz:{tmp_path / 'damaged.npz'}", "cannot read", "CRC")
+
+
+def test_check_readable_refuses_what_load_data_refuses(tmp_path):
+    from amdim.data import check_readable
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for f in ("batches.meta", "data_batch_1", "test_batch"):
+        (tmp_path / "cifar-10-batches-py" / f).write_bytes(b"x")
+    specs = [
+        "npz:/no/such/file.npz", "cifar10:/no/cifar", "stl10:/no/stl", "imagefolder:/no/imagenet",
+        "mnist:/data", "synthetic:n_train=ten", f"npz:{write_npz(tmp_path / 'm.npz', y_test=None)}",
+        f"npz:{write_npz(tmp_path / 'h.npz', x_train=np.zeros((20, 8, 8, 3), np.uint8))}",
+    ]  # fmt: skip
+    for spec in specs:
+        with pytest.raises(DataError) as checked:
+            check_readable(spec)
+        assert str(checked.value) == one_line_error(spec)
+    with pytest.raises(DataError, match="lacks data_batch_2, data_batch_3, data_batch_4, data_batch_5"):
+        check_readable(f"cifar10:{tmp_path}")
+    make_folder(tmp_path / "folder")
+    check_readable(f"imagefolder:{tmp_path / 'folder'}")
+    check_readable(f"npz:{write_npz(tmp_path / 'ok.npz')}")
+    check_readable("synthetic:n_train=64")
 
 
 def test_corrupt_cifar_folder_is_a_data_error(tmp_path):

@@ -13,7 +13,7 @@ import time
 
 from subprocess_env import clean_env, run_amdim
 
-from amdim.harness.ray_train import other_local_ray
+from amdim.harness.raycluster import other_local_ray
 
 HOLD = (
     "import sys, ray; ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR'); "

@@ -28,9 +28,9 @@ def store(tmp_path, monkeypatch):
     """A fresh runs folder (and so a fresh SQLite MLflow store) for each test."""
     monkeypatch.setenv("AMDIM_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from amdim.harness.ray_train import set_ray_env
+    from amdim.harness.raycluster import set_driver_env
 
-    set_ray_env()
+    set_driver_env()
     return tmp_path
 
 
@@ -183,7 +183,7 @@ def test_two_workers_match_single_process_for_one_step(store, monkeypatch):
         (["--workers", "2", "--gpus-per-worker", "0.5"], {}, "two DDP ranks on one GPU"),
         ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "does not answer"),
         (["--workers", "3", "--set", "data.batch_size=32"], {}, "divide"),
-        (["--data", "npz:/nonexistent/cifar.npz"], {}, "does not exist"),
+        (["--data", "npz:/nonexistent/cifar.npz"], {}, "no such file"),
         (["--local", "--set", "train.device=cuda"], {}, "no CUDA GPU"),
         (["--local", "--data", "npz:/nonexistent/cifar.npz"], {}, "no such file"),
     ],

@@ -474,7 +474,12 @@ def test_an_invalid_combination_on_the_train_path_fails_before_any_train_job(tmp
     runs, spec_path = tmp_path / "runs", tmp_path / "invalid.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     proc = run_amdim(runs, "study", "run", str(spec_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Its only trial failed: the study exits non-zero, with the reason in one line.
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "amdim: error: study 'invalid-train': all 1 trials failed; the most common reason (1 of them): "
+        "invalid configuration: aug.crop_scale_min"
+    ), proc.stderr[-2000:]
     assert "Tune restarts it" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
     (trial,) = _optuna(runs, "invalid-train").trials
     assert trial.state == optuna.trial.TrialState.FAIL and "crop_scale_min" in trial.user_attrs["error"]

@@ -259,6 +259,7 @@ def test_unknown_study_name_for_status_resume_confirm(isolated, capsys):
 def test_each_path_reserves_what_its_trials_hold():
     """Tune path: the trial's one actor trains and holds everything; Train path: a waiting driver
     (0.25 CPU and driver_resources) plus the workers' shares."""
+    from amdim.harness.raycluster import NodeType
     from amdim.harness.study import DRIVER_CPU, actor_resources, concurrency, trial_resources
 
     raw = _good()  # 1 worker x 0.75 CPU
@@ -266,11 +267,11 @@ def test_each_path_reserves_what_its_trials_hold():
     tune = parse_spec(raw)
     assert tune.budget.path == "tune"
     assert trial_resources(tune) == actor_resources(tune) == {"CPU": 0.75, "gpu_node": 1.0}
-    assert concurrency(tune, 2, 0, {"gpu_node": 4}) == 2  # max_concurrent 2; 2 / 0.75 CPUs fit 2
+    assert concurrency(tune, [NodeType("n", {"CPU": 2, "GPU": 0, "gpu_node": 4}, 1)]) == 2  # max_concurrent 2
     raw["budget"].update({"launcher": "train", "driver_resources": {"head": 0.01}})
     train = parse_spec(raw)
     assert actor_resources(train) == {"CPU": DRIVER_CPU, "head": 0.01}
-    assert trial_resources(train) == {"CPU": DRIVER_CPU + 0.75, "GPU": 0.0, "gpu_node": 1.0, "head": 0.01}
+    assert trial_resources(train) == {"CPU": DRIVER_CPU + 0.75, "gpu_node": 1.0, "head": 0.01}
     raw["budget"].update({"workers": 2, "launcher": "auto", "cpus_per_worker": 0.5})
     assert parse_spec(raw).budget.path == "train"  # auto: several workers need a Train job
 

@@ -25,7 +25,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from amdim.config import parse_set_args, preset, to_flat, with_overrides
     from amdim.harness.local import train_local
-    from amdim.harness.ray_train import set_ray_env, train_ray
+    from amdim.harness.ray_train import train_ray
+    from amdim.harness.raycluster import set_driver_env
 
     p = argparse.ArgumentParser(prog="python -m amdim.harness.bench_ray", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             **parse_set_args(args.overrides),
         },
     )
-    set_ray_env()
+    set_driver_env()
     out = Path(tempfile.mkdtemp(prefix="amdim-bench-ray-"))
     os.environ.setdefault("AMDIM_RUNS_DIR", str(out / "runs"))
     result: dict = {

@@ -4,127 +4,36 @@ Ray 2.60 runs Train V2 by default: ``TorchTrainer(...).fit()`` starts a controll
 group with its own placement group; each worker runs :func:`worker_loop`, which is the project's
 ordinary trainer (:func:`amdim.trainer.fit`) with the model wrapped in DDP, the NCE targets
 all-gathered so the negatives are the global batch, metrics all-reduced, and a checkpoint reported
-to Ray after every epoch. A worker that dies is replaced (``FailureConfig(max_failures)``) and the
-group resumes from the last reported checkpoint; re-running with the same ``--out`` resumes too,
-because the Train run's storage path and name are deterministic.
+to Ray after every epoch. A worker group that fails is started again from the last reported
+checkpoint (up to ``--max-failures`` times) unless a retry would repeat the failure; re-running with
+the same ``--out`` resumes too, because the Train run's storage path and name are deterministic.
 
 The MLflow run is created by the driver (parameters, tags, config artifact), filled per epoch by the
-rank-0 worker only, and closed by the driver after the offline linear probe. This module imports
-Ray at module level; the core (``amdim.trainer`` and below) never does.
+rank-0 worker only (through its tracking queue: training never waits for the server), which also
+runs the final evaluation on its own device; the driver closes the run. The driver itself never
+touches a GPU, so it may run on a CPU-only head. This module imports Ray only where it runs it;
+the core (``amdim.trainer`` and below) never does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from amdim.config import Config, from_flat, to_flat, with_overrides
+from amdim import checkpoint as ckpt_io
+from amdim.config import Config, absolute_spec, from_flat, to_flat, with_overrides
 from amdim.errors import DivergedError, UserError
 
-RAY_ENV_DEFAULTS = {
-    "RAY_AUTH_MODE": "disabled",  # 2.60 enables token auth and writes ~/.ray/auth_token otherwise
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # default 2 s: shortens every run's tail
-    # Study trials report the ranking metric (the offline probe) only in their last result.
-    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
-    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0 the legacy reporter prints nothing; studies print their own lines
-    # A reused trial actor waits this long for the previous trial's thread to end (default 2 s;
-    # a thread still alive then fails the next trial). ASHA's stop ends it at once, inside its report.
-    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
-    # Tune sets this (Lightning's fork guard) in every trial actor's runtime env; set before Ray
-    # starts, the actors inherit it, and a study leaves that runtime env out (study.py,
-    # _trial_actors_inherit_env) so that Ray can run them in the workers it prestarted.
-    "PL_DISABLE_FORK": "1",
-    # Tune adds CSV, JSON and TensorBoard loggers to every experiment unless told not to; the
-    # TensorBoard one imports tensorboardX, which imports torch in the driver: about 2 s on 2 cores,
-    # serial, before the first trial starts (docs/benchmarks.md). Studies add the CSV and JSON ones
-    # themselves (study.py, _tuner); their record is MLflow.
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-}
 
-
-def set_ray_env() -> None:
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-def other_local_ray() -> list[str]:
-    """GCS addresses of Ray instances already running on this machine that ``ray.init()`` would not
-    join (started by another process's ``ray.init``, not by ``ray start``). Empty when there are none,
-    or when a ``ray start`` cluster exists (``ray.init()`` joins that one)."""
-    try:
-        from ray._private import services
-
-        if services.find_bootstrap_address(None) is not None:
-            return []
-        services.find_gcs_addresses.cache_clear()
-        return sorted(services.find_gcs_addresses())
-    except Exception:  # a Ray without these helpers: no check, Ray's own behaviour
-        return []
-
-
-def init_ray(**kwargs: Any) -> bool:
-    """``ray.init`` (joining ``RAY_ADDRESS`` when set) unless this process is connected already;
-    returns whether it called it (and so should shut Ray down).
-
-    Two local Ray instances on one machine break Ray Train (its helper processes find both and
-    refuse to choose), so a second local start is refused in one line while another instance runs.
-    An instance that is shutting down (e.g. just after a killed study) gets
-    ``AMDIM_RAY_WAIT_S`` (default 20) seconds to go away first.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        deadline = time.monotonic() + float(os.environ.get("AMDIM_RAY_WAIT_S", "20"))
-        while (others := other_local_ray()) and time.monotonic() < deadline:
-            time.sleep(1.0)
-        if others:
-            raise UserError(
-                f"another local Ray instance is running on this machine (GCS {others[0]}; another study or "
-                "`amdim train`?), and two break Ray Train: wait for it to finish (`ray stop` ends a leftover "
-                "one), or start one shared instance with `ray start --head` and run with RAY_ADDRESS=auto"
-            )
-    ray.init(address=address, **kwargs)
-    return True
-
-
-def shutdown_ray() -> None:
-    """``ray.shutdown()`` of a Ray this process started, without the second it loses on the autoscaler
-    monitor: Ray stops the monitor after the GCS, and the monitor's SIGTERM handler then tries to
-    report its end to the stopped GCS until Ray kills it a second later (measured in
-    docs/benchmarks.md). A Ray that ``ray.init`` started here has no autoscaling config, so its
-    monitor holds nothing to save and is killed first. Any Ray without these internals: the plain
-    shutdown."""
-    import ray
-
-    try:
-        from ray._private import ray_constants
-        from ray._private import worker as ray_worker
-
-        node = ray_worker._global_node
-        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []
-        for info in monitors:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    except Exception:  # a shortcut only: ray.shutdown below does the work
-        pass
-    ray.shutdown()
-
-
-def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    """One-line errors, before Ray starts, for requests this machine or cluster cannot meet."""
-    import torch
-
+def check_request(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
+    """One-line errors for a request that no cluster could serve as asked."""
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
@@ -134,32 +43,30 @@ def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float
             f"--gpus-per-worker {gpus_per_worker} with {workers} workers would put two DDP ranks on one GPU, "
             "which NCCL refuses; use whole GPUs, or fractional GPUs with --workers 1"
         )
-    remote = bool(os.environ.get("RAY_ADDRESS"))
-    if remote:
-        return  # checked against the cluster's resources once connected (see _check_cluster)
-    if gpus_per_worker and not torch.cuda.is_available():
-        raise UserError(f"--gpus-per-worker {gpus_per_worker} requested, but this machine has no CUDA GPU")
-    if gpus_per_worker and workers * gpus_per_worker > torch.cuda.device_count():
+
+
+def check_fits(workers: int, gpus_per_worker: float, cpus_per_worker: float, nodes, where: str) -> None:
+    """One line when the workers never fit ``nodes`` (:class:`amdim.harness.raycluster.NodeType`:
+    this machine, a cluster as it is, or every node its autoscaler may add), each on one node."""
+    from amdim.harness.raycluster import fits, slots
+
+    bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    largest = {k: max((t.resources.get(k, 0.0) for t in nodes), default=0.0) for k in bundle}
+    if gpus_per_worker and not largest["GPU"]:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g} requested, but {where} has no CUDA GPU")
+    for key, flag in (("GPU", "--gpus-per-worker"), ("CPU", "--cpus-per-worker")):
+        if key in bundle and bundle[key] > largest[key] + 1e-9:
+            raise UserError(
+                f"{flag} {bundle[key]:g}: no node of {where} has more than {largest[key]:g} {key}s"
+            )
+    if any(fits(bundle, t.resources) for t in nodes) and slots(bundle, nodes) < workers:
+        total = {k: sum(t.count * t.resources.get(k, 0.0) for t in nodes) for k in bundle}
+        need = ", ".join(f"{workers * v:g} {k}s" for k, v in bundle.items())
+        have = ", ".join(f"{v:g} {k}s" for k, v in total.items())
         raise UserError(
-            f"{workers} workers x {gpus_per_worker} GPUs need {workers * gpus_per_worker:g} GPUs; "
-            f"this machine has {torch.cuda.device_count()}"
+            f"{workers} workers x ({', '.join(f'{v:g} {k}' for k, v in bundle.items())}) need {need}; "
+            f"{where} has {have} (lower --workers or --cpus-per-worker)"
         )
-    cpus = os.cpu_count() or 1
-    if workers * cpus_per_worker > cpus:
-        raise UserError(
-            f"{workers} workers x {cpus_per_worker:g} CPUs need {workers * cpus_per_worker:g} CPUs; "
-            f"this machine has {cpus} (lower --workers or --cpus-per-worker)"
-        )
-
-
-def _check_cluster(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    import ray
-
-    res = ray.cluster_resources()
-    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
-    for key, amount in need.items():
-        if amount and res.get(key, 0) < amount:
-            raise UserError(f"the Ray cluster has {res.get(key, 0):g} {key}s; this run needs {amount:g}")
 
 
 def last_error_line(text: str) -> str | None:
@@ -170,36 +77,56 @@ def last_error_line(text: str) -> str | None:
     return causes[-1][:200] if causes else None
 
 
-def worker_loop(loop_config: dict[str, Any]) -> None:
+def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: the project's trainer as rank ``world_rank`` of the group (see
-    :func:`amdim.harness.trial.train_and_report`), DDP-wrapped when there are several."""
+    :func:`amdim.harness.trial.train_and_report`), DDP-wrapped when there are several. Returns
+    its last report: on rank 0 the driver reads it as the result's ``return_value``."""
     import ray.train
     import ray.train.torch
     import torch
 
     from amdim.distributed import wrap_ddp
-    from amdim.harness.trial import registered_checkpoints, train_and_report, worker_threads
+    from amdim.harness.trial import FAULT_ENV, registered_checkpoints, train_and_report, worker_threads
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = from_flat(loop_config["flat"]).train.device != "cpu"
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    tags = {"worker_node": ray.get_runtime_context().get_node_id()}
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        tags["gpu"] = torch.cuda.get_device_name(device)
     threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
     torch.set_num_threads(threads)
-    snapshot = ctx.get_storage().checkpoint_manager_snapshot_path
-
-    train_and_report(
+    tags["torch_threads"] = str(threads)
+    registered = None
+    if os.environ.get(FAULT_ENV):  # the fault injection test waits for Train to commit a checkpoint
+        snapshot = ctx.get_storage().checkpoint_manager_snapshot_path
+        registered = lambda: registered_checkpoints(snapshot)  # noqa: E731
+    return train_and_report(
         loop_config,
         session=ray.train,
         rank=rank,
         world=world,
         device=device,
         wrap_model=lambda model: wrap_ddp(model, device),
-        tags={"worker_node": ray.get_runtime_context().get_node_id(), "torch_threads": str(threads)},
-        registered=lambda: registered_checkpoints(snapshot),
+        tags=tags,
+        registered=registered,
     )
+
+
+def failed_job(exc: BaseException) -> tuple[str, bool]:
+    """One line for a failure of training (a Ray Train job's, through its workers' exceptions, or
+    any other), and whether a retry would repeat it (a data or configuration error, out of
+    memory) rather than maybe pass (a process that died)."""
+    from amdim.errors import repeats_on_retry
+
+    causes = list(getattr(exc, "worker_failures", {}).values()) or [getattr(exc, "controller_failure", exc)]
+    for cause in causes:
+        if (reason := repeats_on_retry(cause)) is not None:
+            return reason, True
+    text = str(causes[0]).strip().splitlines()
+    return (last_error_line(str(causes[0])) or (text[0][:200] if text else type(causes[0]).__name__)), False
 
 
 def train_ray(
@@ -213,36 +140,38 @@ def train_ray(
     experiment: str = "amdim",
     probe: bool = True,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on a Ray TorchTrainer, record it in MLflow, then run the offline probe.
+    """Train ``cfg`` on a Ray TorchTrainer, recorded in MLflow, with the final evaluation (the
+    offline probe, the segmentation of a mixture model) on rank 0's own device.
 
     Leaves ``out/checkpoint.pt`` (final) and ``out/metrics.json`` like the local path, plus the Ray
-    Train run under ``out/ray/``.
+    Train run under ``out/ray/`` (on a cluster of several nodes ``out`` must be on storage every
+    node sees, as Ray Train requires for its checkpoints). The driver touches no GPU: it may run
+    on a CPU-only head. A worker group that fails is started again from the last checkpoint, up to
+    ``max_failures`` times, unless the failure would repeat (a data or configuration error, out
+    of memory): then the run ends at once with one line.
     """
-    from amdim.config import absolute_spec, data_spec_problem
+    from amdim.dataindex import check_readable
     from amdim.harness import tracking
+    from amdim.harness.raycluster import init_ray, joins_a_cluster, shutdown_ray, this_machine
+    from amdim.harness.tracking_queue import RunKey, replay, spooled
 
     # Everything checkable is checked before anything is written under ``out``.
-    check_resources(workers, gpus_per_worker, cpus_per_worker)
-    if (problem := data_spec_problem(cfg.data.spec)) is not None:
-        raise UserError(f"data.spec: {problem}")
+    check_request(workers, gpus_per_worker, cpus_per_worker)
+    check_readable(cfg.data.spec)
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
-
+    if not joins_a_cluster():
+        check_fits(workers, gpus_per_worker, cpus_per_worker, this_machine(), "this machine")
     cfg = with_overrides(
         cfg,
-        {
-            "data.spec": absolute_spec(cfg.data.spec),
-            "train.device": "cuda" if gpus_per_worker else "cpu",
-        },
+        {"data.spec": absolute_spec(cfg.data.spec), "train.device": "cuda" if gpus_per_worker else "cpu"},
     )
     if cfg.data.batch_size % workers:
         raise UserError(
             f"data.batch_size={cfg.data.batch_size} is the global batch; it must divide by --workers {workers}"
         )
-    set_ray_env()
     import ray
     import ray.train
-    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = out.resolve()
@@ -252,94 +181,116 @@ def train_ray(
     ray_init_s = time.perf_counter() - t_init
     record = None
     try:
-        _check_cluster(workers, gpus_per_worker, cpus_per_worker)
+        nodes, where = _capacity(ray)
+        check_fits(workers, gpus_per_worker, cpus_per_worker, nodes, where)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(flat, indent=2) + "\n")
-        device_tag = f"{workers}x " + (
-            f"{gpus_per_worker:g} GPU ({torch.cuda.get_device_name(0)})" if gpus_per_worker else "CPU (gloo)"
-        )
+        device_tag = f"{workers}x " + (f"{gpus_per_worker:g} GPU" if gpus_per_worker else "CPU (gloo)")
         record = tracking.RunRecord.create(
             uri, experiment, out.name, flat, tracking.run_tags(flat, device_tag, {"launcher": "ray-train"})
         )
         record.log_artifact(out / "config.json")
+        spool = out / "tracking-spool"
+        loop_config = {
+            "flat": flat, "run_key": RunKey(uri, run_id=record.run_id).as_dict(), "spool": str(spool), "probe": probe,
+        }  # fmt: skip
         resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-        trainer_ = TorchTrainer(
-            worker_loop,
-            train_loop_config={"flat": flat, "tracking_uri": uri, "run_id": record.run_id},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
-            ),
-            torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
-            run_config=ray.train.RunConfig(
-                name="train",
-                storage_path=str(out / "ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
-            ),
-        )
+
+        def job() -> TorchTrainer:
+            # Ray Train retries nothing itself (but a preempted node): a new job of the same name
+            # resumes the run from its last committed checkpoint.
+            return TorchTrainer(
+                worker_loop,
+                train_loop_config=loop_config,
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+                ),
+                torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+                run_config=ray.train.RunConfig(
+                    name="train",
+                    storage_path=str(out / "ray"),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                    failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
+                ),
+            )
+
         t_fit = time.perf_counter()
-        try:
-            result = trainer_.fit()
-        except ray.train.TrainingFailedError as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            raise UserError(f"training failed after {max_failures} worker restarts: {first}") from None
+        restarts = 0
+        while True:
+            try:
+                result = job().fit()
+                break
+            except ray.train.TrainingFailedError as exc:
+                line, repeats = failed_job(exc)
+                if repeats:
+                    raise UserError(f"training failed: {line}") from None
+                if restarts >= max_failures:
+                    raise UserError(f"training failed after {max_failures} restarts: {line}") from None
+                restarts += 1
+                print(
+                    f"amdim: the worker group failed ({line}); starting it again from the last checkpoint "
+                    f"(restart {restarts} of at most {max_failures})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         fit_s = time.perf_counter() - t_fit
-        # The workers stopped on a non-finite loss: rank 0 said so on the run (the job's result
-        # holds the last checkpointed report, an earlier good epoch, never the diverged one).
-        if (where := record.divergence()) is not None:
+        final = dict(result.return_value or {})
+        if final.get("diverged"):  # rank 0 recorded where on the run; the local path ends the same way
             from amdim.harness.local import leave_no_result
 
-            exc = DivergedError(*where)
-            leave_no_result(out, exc)  # as on the local path
+            exc = DivergedError(int(final["diverged_at_epoch"]), int(final["diverged_at_step"]))
+            leave_no_result(out, exc)
             raise exc
         if result.checkpoint is None:
             raise UserError("training produced no checkpoint")
         with result.checkpoint.as_directory() as d:
-            shutil.copyfile(Path(d) / "checkpoint.pt", out / "checkpoint.pt")
+            for name in ("checkpoint.pt", "segmentation.png"):
+                if (Path(d) / name).is_file():
+                    shutil.copyfile(Path(d) / name, out / name)
+            probe_result = (
+                json.loads((Path(d) / "probe.json").read_text())
+                if (Path(d) / "probe.json").is_file()
+                else None
+            )
         record.set_tags({"checkpoint_path": str(out / "checkpoint.pt")})
-        summary = _finish(cfg, out, record, probe)
-        summary.update(
-            {"ray_init_s": ray_init_s, "fit_s": fit_s, "run_id": record.run_id, "tracking_uri": uri}
-        )
+        payload = ckpt_io.load(out / "checkpoint.pt")
+        summary: dict[str, Any] = {
+            "config": payload["config"],
+            "epochs": int(payload["epoch"]),
+            "history": payload.get("history", []),
+            "checkpoint": str(out / "checkpoint.pt"),
+            "ray_init_s": ray_init_s,
+            "fit_s": fit_s,
+            "run_id": record.run_id,
+            "tracking_uri": uri,
+            **({"probe": probe_result} if probe_result is not None else {}),
+        }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        replay(spool)  # the workers' records that the tracking server did not take in time
+        if spooled(spool):
+            print(f"amdim: MLflow records of this run are kept in {spool}: the tracking server did not answer",
+                  file=sys.stderr)  # fmt: skip
         record.finish("FINISHED")
         return summary
-    except BaseException:
+    except DivergedError:
         if record is not None:
             record.finish("FAILED")
+        raise
+    except BaseException:
+        if record is not None:
+            with contextlib.suppress(Exception):  # the run's error matters more than its record
+                record.finish("FAILED")
         raise
     finally:
         if started_ray:
             shutdown_ray()
 
 
-def _finish(cfg: Config, out: Path, record, probe: bool) -> dict[str, Any]:
-    """Driver side after training: offline probe, segmentation PNG, artifacts."""
-    import torch
+def _capacity(ray) -> tuple[list[Any], str]:
+    """Every node an autoscaling cluster may add (its launcher config), else the live nodes."""
+    from amdim.harness.raycluster import autoscaling_config_path, autoscaling_node_types, live_nodes
 
-    from amdim import checkpoint as ckpt_io
-    from amdim import data as data_mod
-    from amdim import trainer
-    from amdim.evaluate import final_evaluation
-
-    payload = ckpt_io.load(out / "checkpoint.pt")
-    summary: dict[str, Any] = {
-        "config": payload["config"],
-        "epochs": int(payload["epoch"]),
-        "history": payload.get("history", []),
-        "checkpoint": str(out / "checkpoint.pt"),
-    }
-    if not probe and cfg.loss.n_mix == 1:
-        return summary
-    model, cfg = trainer.model_from_checkpoint(payload, "cpu")
-    bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-    final = final_evaluation(
-        model, cfg, bundle, torch.device("cpu"), epoch=summary["epochs"], probe=probe,
-        segmentation=out / "segmentation.png",
-    )  # fmt: skip
-    if "probe" in final:
-        record.log_probe(final["probe"])
-        summary["probe"] = final["probe"]
-    if "segmentation" in final:
-        record.log_artifact(final["segmentation"])
-    return summary
+    path = autoscaling_config_path()
+    if path is None:
+        return live_nodes(ray), "the Ray cluster"
+    return autoscaling_node_types(path), f"the autoscaling cluster ({path})"

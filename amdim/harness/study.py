@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -45,10 +45,12 @@ from amdim.config import from_flat, to_flat
 from amdim.errors import ConfigError, UserError
 from amdim.harness import tracking
 from amdim.harness.study_spec import SpecError, StudySpec, config_id, parse_spec
+from amdim.harness.tracking_queue import SPOOL, RunKey
 
 DRIVER_CPU = 0.25  # the trial function only waits on its Train run; workers hold the real resources
 STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_stopped", "failed", "running"
 STATE_DIVERGED = "diverged"  # the loss stopped being finite: MLflow FAILED, Optuna FAIL
+STATE_INTERRUPTED = "interrupted"  # Ctrl-C stopped it: MLflow KILLED, Optuna RUNNING until resumed
 
 
 # --- where a study lives ------------------------------------------------------------------------
@@ -118,120 +120,106 @@ def load_study_spec(name: str) -> StudySpec:
 # --- resources ----------------------------------------------------------------------------------
 
 
-def trial_resources(spec: StudySpec) -> dict[str, float]:
-    """Everything one trial holds at once: on the Train path its driver actor plus its Train
-    workers; on the Tune path its one actor, which trains (see :func:`actor_resources`)."""
+def trial_bundles(spec: StudySpec) -> list[tuple[str, dict[str, float], int]]:
+    """What one trial holds at once, as ``(what, bundle, count)``: each bundle must fit on one node.
+    On the Tune path the trial's one actor, which trains; on the Train path its waiting driver
+    actor and its Train workers."""
     b = spec.budget
+    worker = {
+        "CPU": b.cpus_per_worker,
+        **({"GPU": b.gpus_per_worker} if b.gpus_per_worker else {}),
+        **dict(b.worker_resources),
+    }
     if b.path == "tune":
-        return actor_resources(spec)
-    need = {"CPU": DRIVER_CPU + b.workers * b.cpus_per_worker, "GPU": b.workers * b.gpus_per_worker}
-    for name, amount in b.worker_resources:
-        need[name] = need.get(name, 0.0) + b.workers * amount
-    for name, amount in b.driver_resources:
-        need[name] = need.get(name, 0.0) + amount
+        return [("worker", worker, 1)]
+    return [("driver", actor_resources(spec), 1), ("worker", worker, b.workers)]
+
+
+def trial_resources(spec: StudySpec) -> dict[str, float]:
+    """Everything one trial holds at once, summed over its bundles."""
+    need: dict[str, float] = {}
+    for _, bundle, count in trial_bundles(spec):
+        for name, amount in bundle.items():
+            need[name] = need.get(name, 0.0) + count * amount
     return need
 
 
 def actor_resources(spec: StudySpec) -> dict[str, float]:
     """What the trial's Tune actor reserves: the whole trial on the Tune path, only the waiting
     driver (``DRIVER_CPU`` and ``driver_resources``) on the Train path."""
-    b = spec.budget
-    if b.path == "train":
-        return {"CPU": DRIVER_CPU, **dict(b.driver_resources)}
-    return {
-        "CPU": b.cpus_per_worker,
-        **({"GPU": b.gpus_per_worker} if b.gpus_per_worker else {}),
-        **dict(b.worker_resources),
-    }
+    if spec.budget.path == "train":
+        return {"CPU": DRIVER_CPU, **dict(spec.budget.driver_resources)}
+    return trial_bundles(spec)[0][1]
 
 
-def concurrency(spec: StudySpec, cpus: float, gpus: float, custom: dict[str, float] | None = None) -> int:
-    """How many trials fit at once on the cluster, capped by ``budget.max_concurrent``.
+def concurrency(spec: StudySpec, nodes: list[Any], where: str = "the cluster") -> int:
+    """How many trials the nodes (:class:`amdim.harness.raycluster.NodeType`: now, or all an
+    autoscaler may add) hold at once, each bundle of a trial on one node; capped by
+    ``budget.max_concurrent`` and ``budget.trials``.
 
-    Raises SpecError when not even one trial fits (naming the resource and the amounts).
+    Raises SpecError, in one line naming the field and the amounts, when no node can ever hold a
+    bundle of the trial, or the nodes together never hold one whole trial.
     """
-    have = {"CPU": cpus, "GPU": gpus, **(custom or {})}
-    fits = []
-    for name, amount in trial_resources(spec).items():
-        if not amount:
-            continue
-        n = math.floor(have.get(name, 0.0) / amount + 1e-9)
-        if n < 1:
-            field = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name, "worker_resources")
-            detail = (
-                f" ({spec.budget.workers} workers x {spec.budget.cpus_per_worker:g} + {DRIVER_CPU:g} for its driver)"
-                if name == "CPU" and spec.budget.path == "train"
-                else ""
-            )
-            raise SpecError(
-                f"budget.{field}: a trial needs {amount:g} {name}{'s' if name in ('CPU', 'GPU') else ''}{detail}, "
-                f"the cluster has {have.get(name, 0.0):g}"
-            )
-        fits.append(n)
-    n = min(fits)
-    if spec.budget.max_concurrent:
-        n = min(n, spec.budget.max_concurrent)
-    return max(1, min(n, spec.budget.trials))
+    from amdim.harness.raycluster import fits, slots
 
-
-def local_resources(gpus: bool = True) -> tuple[float, float, dict[str, float]]:
-    """What a local Ray started by this process will have (custom resources: none). ``gpus``
-    False: the GPU count is not looked up and reads 0; counting them imports torch (about 2 s of
-    CPU before Ray starts), which a study that asks for no GPU does not need in its driver."""
-    n_gpus = 0.0
-    if gpus:
-        import torch
-
-        n_gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    return float(os.cpu_count() or 1), n_gpus, {}
-
-
-# --- MLflow child runs --------------------------------------------------------------------------
-
-
-def find_child(uri: str, experiment: str, parent_id: str, tune_trial_id: str) -> str | None:
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.tune_trial_id = '{tune_trial_id}'",
-        max_results=2,
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def mark_child(uri: str, run_id: str, state: str, status: str, extra: dict[str, str] | None = None) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    client.set_tag(run_id, "state", state)
-    for k, v in (extra or {}).items():
-        client.set_tag(run_id, k, v)
-    client.set_terminated(run_id, status=status)
+    b = spec.budget
+    n = spec.budget.trials
+    for what, bundle, count in trial_bundles(spec):
+        if not any(fits(bundle, t.resources) for t in nodes):
+            for name, amount in bundle.items():
+                largest = max((t.resources.get(name, 0.0) for t in nodes), default=0.0)
+                if amount > largest + 1e-9:
+                    field = (
+                        {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name, "worker_resources")
+                        if what == "worker"
+                        else ("driver_resources" if name != "CPU" else "workers")
+                    )
+                    unit = f" {name}{'s' if name in ('CPU', 'GPU') else ''}"
+                    per = (
+                        " per worker"
+                        if what == "worker"
+                        else f" for its driver ({DRIVER_CPU:g} CPU + driver_resources)"
+                    )
+                    raise SpecError(
+                        f"budget.{field}: a trial needs {amount:g}{unit}{per}, and no node of {where} has "
+                        f"more than {largest:g}"
+                    )
+            raise SpecError(f"budget: no node of {where} holds one {what} of a trial ({bundle})")
+        n = min(n, slots(bundle, nodes) // count)
+    if n < 1:
+        need = trial_resources(spec)
+        raise SpecError(
+            f"budget.workers: a trial needs {b.workers} workers of {trial_bundles(spec)[-1][1]}"
+            f" ({', '.join(f'{v:g} {k}' for k, v in need.items() if v)} in all), more than {where} can hold"
+        )
+    if b.max_concurrent:
+        n = min(n, b.max_concurrent)
+    return max(1, n)
 
 
 # --- the trial function (runs in a Tune trial actor) --------------------------------------------
 
 
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: build the trial's config, find or create its MLflow child, train it.
+    """One Tune trial: build the trial's config, open its MLflow run, train it.
 
     On the Tune path (``ctx["launcher"] == "tune"``, single-worker trials) the trainer runs right
     here, in the trial's actor, which holds the trial's CPUs and GPU share; on the Train path the
     trial starts a Ray Train job and waits for it. Either way every epoch is reported to Tune with
     a checkpoint, and a finished trial ends with the offline probe's result.
+
+    A trial that fails in a way a retry would repeat (its sampled values make no valid
+    configuration together, its data cannot be read, it runs out of memory) ends at once as
+    failed, with the reason on its MLflow run and its Optuna trial; anything else (a process that
+    died) is raised, and Tune restarts the trial from its last checkpoint. Nothing here waits for
+    the tracking server: MLflow writes go through this process's tracking queue.
     """
-    import mlflow
     import ray
     import ray.tune
 
-    from amdim.harness.ray_train import set_ray_env
+    from amdim.harness.tracking_queue import RunKey, process_queue
+    from amdim.harness.trial import read_outcome, write_outcome
 
-    set_ray_env()
     t0 = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     point = dict(config["point"]) if "point" in config else dict(config)
@@ -244,77 +232,93 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         cfg = from_flat(flat)
     except ConfigError as exc:
-        # Sampled values that are each valid but not together (e.g. a crop scale range whose
-        # minimum lies above its maximum): this configuration fails on every try, so the trial is
-        # recorded as failed and ends now, instead of raising into Tune's restarts.
         invalid = str(exc)
     else:
         flat, invalid = to_flat(cfg), None
-    uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
 
-    run_id = find_child(uri, ctx["experiment"], parent, trial_id)
-    client = mlflow.MlflowClient(uri)
-    if run_id is not None:
-        run = client.get_run(run_id)
-        if run.data.tags.get("state") == STATE_COMPLETE:
-            # Finished before the driver died, but after Tune last saved its state: report the
-            # recorded result instead of training again.
-            final = {k: v for k, v in run.data.metrics.items()}
-            ray.tune.report({**final, "epoch": int(final.get("epoch", flat["train.epochs"])), "recorded": 1})
-            return
-        if run.data.tags.get("state") == STATE_DIVERGED:  # it would diverge again
-            ray.tune.report({"diverged": 1, "recorded": 1})
-            return
-        if invalid is not None and run.data.tags.get("state") == STATE_FAILED:
-            ray.tune.report({"invalid_config": 1, "error": invalid, "recorded": 1})
-            return
-        client.update_run(run_id, status="RUNNING")
-    else:
-        tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": f"ray-tune ({ctx['launcher']} path)"})
-        label = _label(ctx, sampled)
-        tags.update(
-            {
-                "study": ctx["study"],
-                "stage": ctx["stage"],
-                "tune_trial_id": trial_id,
-                "config_id": config_id(sampled),
-                "sampled_keys": ",".join(ctx["keys"]),
-                "seed": str(flat["train.seed"]),
-                "setting": label,
-                "state": STATE_RUNNING,
-                "trial_path": ctx["launcher"],
-                **({"confirm_of": str(source)} if source is not None else {}),
-            }
-        )
-        name = f"{ctx['stage']}-{trial_id}" + (f"-seed{flat['train.seed']}" if seed is not None else "")
-        record = tracking.RunRecord.create(uri, ctx["experiment"], name, flat, tags, parent_run_id=parent)
-        run_id = record.run_id
-    client.set_tag(run_id, "state", STATE_RUNNING)
-    client.set_tag(run_id, "driver_node", ray.get_runtime_context().get_node_id())
-    if invalid is not None:
-        mark_child(uri, run_id, STATE_FAILED, "FAILED", {"error": invalid[:4000]})
-        ray.tune.report({"invalid_config": 1, "error": invalid})
+    sdir = Path(ctx["study_dir"])
+    outcome_path = sdir / "trials" / f"{ctx['stage']}-{trial_id}.json"
+    if (ended := read_outcome(outcome_path)) is not None:
+        # It ended before the driver died, but after Tune last saved its state: report the
+        # recorded end instead of training again.
+        ray.tune.report({**_final_result(ended), "recorded": 1})
         return
 
+    records = process_queue(sdir / SPOOL)
+    key = RunKey(
+        ctx["tracking_uri"], experiment=ctx["experiment"], parent=ctx["parent_run_id"], tune_trial_id=trial_id
+    )
+    name = f"{ctx['stage']}-{trial_id}" + (f"-seed{flat['train.seed']}" if seed is not None else "")
+    tags = tracking.run_tags(flat, _device_tag(ctx), {"launcher": f"ray-tune ({ctx['launcher']} path)"})
+    tags.update(
+        {
+            "study": ctx["study"],
+            "stage": ctx["stage"],
+            "config_id": config_id(sampled),
+            "sampled_keys": ",".join(ctx["keys"]),
+            "seed": str(flat["train.seed"]),
+            "setting": _label(ctx, sampled),
+            "trial_path": ctx["launcher"],
+            **({"confirm_of": str(source)} if source is not None else {}),
+        }
+    )
+    records.ensure(key, name, flat, tags)
+    records.put(key, "status", status="RUNNING")
+    records.tags(key, {"state": STATE_RUNNING, "driver_node": ray.get_runtime_context().get_node_id()})
+
+    def fail(reason: str) -> None:
+        write_outcome(outcome_path, STATE_FAILED, error=reason)
+        records.terminate(key, "FAILED", {"state": STATE_FAILED, "error": reason[:4000]})
+        records.close(who=f"trial {trial_id}")
+        ray.tune.report({"trial_error": 1, "error": reason})
+
+    if invalid is not None:  # each sampled value valid, not together (a crop scale range min > max)
+        fail(f"invalid configuration: {invalid}")
+        return
     b = ctx["budget"]
-    if b["gpus_per_worker"]:
+    if b["gpus_per_worker"] and flat["train.device"] == "auto":
         flat = {**flat, "train.device": "cuda"}
-    loop_config = {"flat": flat, "tracking_uri": uri, "run_id": run_id, "probe": True, "quiet": True}
-    if ctx["launcher"] == "tune":
-        outcome = _train_in_actor(loop_config)
-    else:
-        _train_as_job(loop_config, ctx, trial_id)
-        # Rank 0 records a divergence on the run; the job's result cannot show it (Train V2's
-        # Result.metrics are the last checkpointed report's, and a diverged report has none).
-        outcome = "diverged" if tracking.RunRecord(uri, run_id).divergence() is not None else "complete"
-    client.log_metric(run_id, "trial_wall_s", time.time() - t0)
-    if outcome == "diverged":  # the trial's own last report says so to Tune and Optuna
-        mark_child(uri, run_id, STATE_DIVERGED, "FAILED")
-    else:
-        mark_child(uri, run_id, STATE_COMPLETE, "FINISHED")
+    loop_config = {
+        "flat": flat,
+        "run_key": key.as_dict(),
+        "spool": str(sdir / SPOOL),
+        "probe": True,
+        "quiet": True,
+    }
+    try:
+        if ctx["launcher"] == "tune":
+            final = _train_in_actor(loop_config)
+        else:
+            final = _train_as_job(loop_config, ctx, trial_id)
+    except Exception as exc:
+        from amdim.harness.ray_train import failed_job
+
+        reason, repeats = failed_job(exc)
+        if not repeats:
+            records.wait(5.0)  # a short head start for the record; Tune restarts the trial
+            raise
+        fail(reason)
+        return
+    # The trial's own last report told Tune and Optuna how it ended (a diverged Train job's
+    # rank 0 too, through TuneReportCallback); here: the study folder's record, and MLflow's.
+    state = STATE_DIVERGED if final.get("diverged") else STATE_COMPLETE
+    write_outcome(outcome_path, state, final)
+    records.metrics(key, {"trial_wall_s": time.time() - t0}, step=int(flat["train.epochs"]))
+    records.terminate(key, "FAILED" if state == STATE_DIVERGED else "FINISHED", {"state": state})
+    records.close(who=f"trial {trial_id}")
 
 
-def _train_in_actor(loop_config: dict[str, Any]) -> str:
+def _final_result(ended: dict[str, Any]) -> dict[str, Any]:
+    """The last result a trial reports for a recorded end (:func:`amdim.harness.trial.write_outcome`)."""
+    if ended["state"] == STATE_FAILED:
+        return {"trial_error": 1, "error": ended.get("error", "")}
+    metrics = dict(ended.get("metrics", {}))
+    if ended["state"] == STATE_DIVERGED:
+        return {**metrics, "diverged": 1}
+    return metrics
+
+
+def _train_in_actor(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The Tune path: the trainer in this actor, reporting through ``ray.tune``. Ray gave the
     actor the trial's CPUs (torch threads follow them, rounded) and its GPU share (the one visible
     device); a restarted trial continues from ``ray.tune.get_checkpoint()``."""
@@ -338,7 +342,8 @@ def _train_in_actor(loop_config: dict[str, Any]) -> str:
 def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The Train path: a Ray Train job whose rank-0 worker reports to this trial through
     ``TuneReportCallback``; its deterministic name makes a restarted trial resume its own run.
-    Returns the job's last reported metrics."""
+    Ray Train itself does not retry a failed worker group (only a preempted node): Tune restarts
+    the trial, so that one error is never retried by both. Returns rank 0's last report."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -362,13 +367,11 @@ def _train_as_job(loop_config: dict[str, Any], ctx: dict[str, Any], trial_id: st
             name=f"{ctx['stage']}-{trial_id}",
             storage_path=ctx["train_dir"],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(
-                max_failures=b["max_failures"], controller_failure_limit=3
-            ),
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
             callbacks=[TuneReportCallback()],
         ),
     ).fit()
-    return dict(result.metrics or {})
+    return dict(result.return_value or {})
 
 
 def _device_tag(ctx: dict[str, Any]) -> str:
@@ -404,15 +407,17 @@ def _check_existing(spec: StudySpec) -> bool:
 
 
 def _cluster_guard(ray, n_nodes: int) -> None:
-    """On several nodes, study folders must live on storage every node reads and writes: refuse to
-    start without ``AMDIM_STORAGE``, and check that every node really sees the same folder."""
+    """On several nodes (now, or once the autoscaler has added them), study folders must live on
+    storage every node reads and writes: refuse to start without ``AMDIM_STORAGE``, and check that
+    every node up now really sees the same folder (nodes added later mount it from the same
+    setup commands)."""
     if n_nodes <= 1:
         return
     env = os.environ.get("AMDIM_STORAGE")
     if not env:
         raise UserError(
-            f"the Ray cluster has {n_nodes} nodes but AMDIM_STORAGE is not set; set it to a shared "
-            "filesystem path (e.g. an NFS mount) that every node can read and write"
+            f"the Ray cluster has {n_nodes} nodes (counting those its autoscaler may add) but AMDIM_STORAGE "
+            "is not set; set it to a shared filesystem path (e.g. an NFS mount) that every node can read and write"
         )
     import uuid
 
@@ -461,10 +466,9 @@ class _RayScope:
     def __enter__(self):
         import ray
 
-        from amdim.harness.ray_train import init_ray, set_ray_env
+        from amdim.harness.raycluster import init_ray, joins_a_cluster
 
-        set_ray_env()
-        local = not os.environ.get("RAY_ADDRESS")
+        local = not joins_a_cluster()
         extra = {"include_dashboard": False} if self.lean and local else {}
         environ = dict(os.environ)
         beside = _beside_local_ray_start(self.while_starting) if local and self.while_starting else None
@@ -478,7 +482,7 @@ class _RayScope:
         return ray
 
     def __exit__(self, *exc):
-        from amdim.harness.ray_train import shutdown_ray
+        from amdim.harness.raycluster import shutdown_ray
 
         if self.started:
             shutdown_ray()
@@ -552,10 +556,26 @@ def _trial_actors_inherit_env(inherited: dict[str, str] | None):
         class_cache._ActorClassCache.get = tune_get
 
 
-def _cluster_resources(ray) -> tuple[float, float, dict[str, float], int]:
-    res = {k: float(v) for k, v in ray.cluster_resources().items()}
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return res.get("CPU", 0.0), res.get("GPU", 0.0), res, len(nodes)
+def _capacity(ray) -> tuple[list[Any], str]:
+    """The nodes a study can count on: every node type with its most nodes where the cluster
+    autoscales (:func:`amdim.harness.raycluster.autoscaling_config_path`), else the live nodes;
+    and a line saying which."""
+    from amdim.harness.raycluster import autoscaling_config_path, autoscaling_node_types, live_nodes
+
+    now = live_nodes(ray)
+    total = {}
+    for t in now:
+        for k in ("CPU", "GPU"):
+            total[k] = total.get(k, 0.0) + t.resources.get(k, 0.0)
+    up = f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs on {len(now)} node(s)"
+    path = autoscaling_config_path()
+    if path is None:
+        return now, up
+    types = autoscaling_node_types(path)
+    kinds = ", ".join(
+        f"{t.count}x {t.name} {{{', '.join(f'{k}: {v:g}' for k, v in t.resources.items())}}}" for t in types
+    )
+    return types, f"{up} now; autoscaling up to {kinds} ({path})"
 
 
 def _parent_run(spec: StudySpec, uri: str, log) -> str:
@@ -610,6 +630,7 @@ def _ctx(spec: StudySpec, uri: str, parent: str, stage: str) -> dict[str, Any]:
         "budget": asdict(spec.budget),
         "launcher": spec.budget.path,
         "train_dir": str(sdir / "train"),
+        "study_dir": str(sdir),
     }
 
 
@@ -682,7 +703,7 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
         # Tune-path trials checkpoint through Tune (Train-path ones through their Train run).
         checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
         # Tune's per-trial progress.csv and result.json, without its TensorBoard logger
-        # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS in ray_train.RAY_ENV_DEFAULTS).
+        # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS in raycluster.DRIVER_ENV).
         callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()],
     )
     if ctx["stage"] == "confirm":
@@ -695,9 +716,6 @@ def _tuner(spec: StudySpec, ctx: dict[str, Any], n_concurrent: int, exp_path: Pa
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    orphans = _fail_orphans(spec)
-    if orphans:
-        log(f"marked {orphans} Optuna trial(s) left running by an earlier driver as failed")
     scheduler = (
         EpochASHA(
             last_epoch=spec.budget.epochs,
@@ -762,34 +780,53 @@ def run_study(spec: StudySpec, *, log=print) -> dict[str, Any]:
 
 
 def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=None) -> dict[str, Any]:
+    """Run one stage (``search`` or ``confirm``) of a study to its end, or until Ctrl-C.
+
+    Everything that can be refused is refused before Ray starts (a changed spec, a saved Tune
+    state this version cannot load, a tracking server that does not answer, data that cannot be
+    read, a trial this machine can never hold) and, once connected, before anything is written (a
+    trial no node type of the cluster can ever hold, a multi-node cluster without shared storage).
+    The driver's MLflow bookkeeping goes through its tracking queue: Tune and Optuna are the
+    record of the search, and a tracking server that stops answering delays the MLflow record,
+    never the study.
+
+    Ctrl-C: Tune saves its state and stops the trials; the stage is recorded as interrupted (the
+    parent run KILLED, the unfinished trials' runs KILLED with ``state=interrupted``, their Optuna
+    trials left running for Tune to resume) and the summary says so (the CLI exits 130); the same
+    command resumes it. A second Ctrl-C stops at once.
+    """
+    from amdim.dataindex import check_readable
+    from amdim.harness.raycluster import joins_a_cluster, this_machine
+    from amdim.harness.tracking_queue import process_queue, replay
+
     if resuming:
         _check_tune_state(spec, study_dir(spec.name) / "tune" / stage)  # before anything is written
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
-    if not os.environ.get("RAY_ADDRESS"):
-        concurrency(spec, *local_resources(gpus=bool(spec.budget.gpus_per_worker)))  # fail before Ray starts
+    check_readable(spec.base.data.spec)
+    if not joins_a_cluster():
+        concurrency(spec, this_machine(), "this machine")  # fail before Ray starts
     sdir = study_dir(spec.name)
+    replay(sdir / SPOOL)  # what an earlier stage could not send: the server answers now
     t0 = time.perf_counter()
     scope = _RayScope(lean=spec.budget.path == "tune", while_starting=lambda: tracking.warm_store(uri))
     with scope as ray:
-        import mlflow
-
-        cpus, gpus, custom, nodes = _cluster_resources(ray)
-        n = concurrency(spec, cpus, gpus, custom)
-        _cluster_guard(ray, nodes)
+        nodes, capacity = _capacity(ray)
+        n = concurrency(spec, nodes)
+        _cluster_guard(ray, sum(t.count for t in nodes))
         sdir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             _write_json(sdir / "spec.json", {"fingerprint": spec.fingerprint(), "source": spec.source})
         parent = _parent_run(spec, uri, log)
+        _set_stage_state(spec.name, stage, "running")
         ctx = _ctx(spec, uri, parent, stage)
         if confirm_points is not None:
             ctx["confirm_points"] = confirm_points
         total = len(confirm_points) if confirm_points is not None else spec.budget.trials
-        log(
-            f"study '{spec.name}' {stage}: {total} trials, {n} at a time "
-            f"({cpus:g} CPUs, {gpus:g} GPUs on {nodes} node(s)); folder {sdir}"
-        )
-        status = "KILLED"
+        log(f"study '{spec.name}' {stage}: {total} trials, {n} at a time ({capacity}); folder {sdir}")
+        records = process_queue(sdir / SPOOL, log)
+        parent_key = RunKey(uri, run_id=parent)
+        state = "failed"
         try:
             tuner = _tuner(spec, ctx, n, sdir / "tune" / stage, log)
             # The parent run's system metrics: the machine the driver runs on, over the stage.
@@ -797,18 +834,46 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
                 tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s),
                 _trial_actors_inherit_env(scope.inherited),
             ):
-                tuner.fit()
-            status = "FINISHED"
+                grid = tuner.fit()
+            unfinished = grid.num_terminated + grid.num_errors < len(grid) or len(grid) < total
+            state = "interrupted" if unfinished else "finished"
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the stage stays resumable
+            state = "interrupted"
+            raise
         finally:
+            from amdim.harness.study_search import StudyProgress
+
+            progress = StudyProgress.current()  # the experiment's own, restored with it on a resume
             wall = time.perf_counter() - t0
-            client = mlflow.MlflowClient(uri)
-            client.log_metric(parent, f"{stage}_wall_s", wall)
-            client.set_terminated(parent, status=status)
-            if stage == "search":
+            _set_stage_state(spec.name, stage, state)
+            if progress is not None and state == "interrupted":
+                for trial_id in progress.unfinished():
+                    key = RunKey(uri, experiment=spec.name, parent=parent, tune_trial_id=trial_id)
+                    records.terminate(key, "KILLED", {"state": STATE_INTERRUPTED})
+            records.metrics(parent_key, {f"{stage}_wall_s": wall}, step=0)
+            status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(state, "FAILED")
+            records.terminate(parent_key, status, {f"{stage}_state": state})
+            records.close(timeout=5.0 if state == "interrupted" else None, who="the study driver")
+            if stage == "search" and state == "finished":
                 _fail_orphans(spec)
+    replay(sdir / SPOOL)
     summary = study_status(spec.name)
     summary["wall_s"] = wall
+    summary["interrupted"] = state == "interrupted"
+    if state == "finished" and progress is not None and (reason := progress.all_failed()) is not None:
+        summary["all_failed"] = reason
     return summary
+
+
+def _set_stage_state(name: str, stage: str, state: str) -> None:
+    """A stage's state in the study's ``state.json`` (``amdim study status`` reads it): running,
+    interrupted (Ctrl-C: resumable), finished or failed (the driver stopped on an error)."""
+    path = study_dir(name) / "state.json"
+    record = _read_json(path)
+    record.setdefault("stages", {})[stage] = {
+        "state": state, "pid": os.getpid(), "host": platform.node(), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    _write_json(path, record)
 
 
 def confirm_points(spec: StudySpec, top: int, seeds: int) -> list[dict[str, Any]]:
@@ -965,12 +1030,20 @@ def export_best(name: str, out: Path) -> dict[str, Any]:
 
 def study_status(name: str) -> dict[str, Any]:
     """Counts of trials by state per stage (from MLflow) and Optuna's view of the search."""
+    from collections import Counter
+
     import optuna
+
+    from amdim.harness.tracking_queue import spooled
 
     spec = load_study_spec(name)
     out: dict[str, Any] = {"study": name, "folder": str(study_dir(name)), "stages": {}}
-    from collections import Counter
-
+    state_path = study_dir(name) / "state.json"
+    if state_path.is_file():
+        out["stage_states"] = {
+            k: _stage_state(v) for k, v in _read_json(state_path).get("stages", {}).items()
+        }
+    out["spooled"] = len(spooled(study_dir(name) / SPOOL))
     _, _, runs = study_runs(name)
     counts = Counter((r.data.tags.get("stage"), r.data.tags.get("state")) for r in runs)
     for (stage, state), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), -kv[1])):
@@ -990,8 +1063,33 @@ def study_status(name: str) -> dict[str, Any]:
     return out
 
 
+def _stage_state(record: dict[str, Any]) -> str:
+    """A stage's state as ``state.json`` holds it; a ``running`` stage whose driver (on this host)
+    is gone was stopped without a word (killed), and a resume continues it."""
+    state = record.get("state", "unknown")
+    if state == "running" and record.get("host") == platform.node() and not _alive(record.get("pid")):
+        return "stopped (its driver was killed)"
+    return state
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"study {status['study']} ({status['folder']})"]
+    for stage, state in status.get("stage_states", {}).items():
+        resume = "; the same command resumes it" if state != "finished" and state != "running" else ""
+        lines.append(f"  {stage} stage: {state}{resume}")
+    if status.get("spooled"):
+        lines.append(
+            f"  {status['spooled']} batch(es) of trial records not yet in MLflow (the tracking server did not "
+            "answer); sent by the next study command"
+        )
     if not status["stages"]:
         lines.append("  no trials recorded yet")
     for stage, counts in status["stages"].items():

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -27,8 +28,9 @@ class AmdimOptunaSearch(OptunaSearch):
     intermediate values are the online probe (``online_metric``, step = epoch), and a trial whose
     last result has no ranking metric (ASHA stopped it) is told to Optuna as PRUNED, not as a
     COMPLETE trial with an early, worse value; one whose last result says ``diverged`` (its loss
-    stopped being finite) or ``invalid_config`` (its sampled values make no valid configuration
-    together; user attribute ``error`` says why) as FAIL. Each Optuna trial carries the Tune trial id as the
+    stopped being finite) or ``trial_error`` (it failed in a way a retry would repeat: its sampled
+    values make no valid configuration together, its data cannot be read, it ran out of memory;
+    user attribute ``error`` says why) as FAIL. Each Optuna trial carries the Tune trial id as the
     user attribute ``tune_trial_id`` so MLflow runs and Optuna trials can be joined.
     """
 
@@ -48,14 +50,18 @@ class AmdimOptunaSearch(OptunaSearch):
         self._report_online(trial_id, result)
 
     def _report_online(self, trial_id: str, result: dict) -> None:
+        import optuna
+
         value = result.get(self._online_metric)
         if value is None or value != value:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         ot_trial = self._ot_trials[trial_id]
-        if step in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
-            return  # the final report repeats the last epoch
-        ot_trial.report(float(value), step)
+        frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
+        if step in frozen.intermediate_values or frozen.state.is_finished():
+            return  # the final report repeats the last epoch; or an earlier driver finished it
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            ot_trial.report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -63,7 +69,7 @@ class AmdimOptunaSearch(OptunaSearch):
                 with contextlib.suppress(Exception):
                     self._report_online(trial_id, result)
             diverged = bool(result) and bool(result.get("diverged"))
-            invalid = bool(result) and bool(result.get("invalid_config"))
+            invalid = bool(result) and bool(result.get("trial_error") or result.get("invalid_config"))
             finished = bool(result) and result.get(self.metric) is not None and not diverged
             if diverged:
                 state = "diverged"
@@ -81,7 +87,12 @@ class AmdimOptunaSearch(OptunaSearch):
                 pass
             if diverged or invalid:  # FAIL, not PRUNED: the configuration broke, it was not merely behind
                 result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
+        import optuna
+
+        # A trial an earlier driver told Optuna about already (it finished, then that driver
+        # died before Tune saved its state) is finished in the database: nothing to tell again.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class EpochASHA(ASHAScheduler):
@@ -106,12 +117,20 @@ class EpochASHA(ASHAScheduler):
 class StudyProgress(Callback):
     """One line per trial event on the driver, and the driver's part of each trial's MLflow record.
 
-    A trial that finishes marks its own MLflow run complete. One that ASHA stops is killed
-    before it can, so its run is marked here (``state=early_stopped``, status KILLED); a trial
-    that fails is marked ``failed``. Here too: the tag ``checkpoint_path`` (the ``checkpoint.pt`` of
-    the trial's latest checkpoint, where Ray stored it) and the metric ``startup_s``, the seconds from Tune starting the
-    trial's actor to the end of its first training step (from the first report after each start).
+    A trial that finishes or fails in a way a retry would repeat marks its own MLflow run. One
+    that ASHA stops is killed before it can, so its run is marked here (``state=early_stopped``,
+    status KILLED), and so is one whose retries ran out (``failed``). Here too: the tag
+    ``checkpoint_path`` (the ``checkpoint.pt`` of the trial's latest checkpoint, where Ray stored
+    it) and the metric ``startup_s``, the seconds from Tune starting the trial's actor to the end
+    of its first training step (from the first report after each start). Every write goes through
+    the driver's tracking queue: never waiting for the server, never raised into Tune.
+
+    The callback Tune runs is found again by :meth:`current` (on a resumed study it is the one
+    Tune restored with the experiment): the driver asks it which trials an interrupted stage left
+    unfinished, and whether every trial failed.
     """
+
+    _current: StudyProgress | None = None
 
     def __init__(self, ctx: dict[str, Any], epochs: int, online: str, rank: str):
         self.ctx = ctx
@@ -120,7 +139,31 @@ class StudyProgress(Callback):
         self.rank = rank
         self.t0 = time.time()
         self._started: dict[str, float] = {}
-        self._runs: dict[str, str] = {}
+        self._running: set[str] = set()
+        self._ended: dict[str, str | None] = {}  # trial id -> why it failed, or None
+
+    @classmethod
+    def current(cls) -> StudyProgress | None:
+        return cls._current
+
+    def setup(self, **info) -> None:
+        StudyProgress._current = self
+        self.t0 = time.time()
+        self._running = set()
+
+    def unfinished(self) -> list[str]:
+        """Trials this driver started that had not ended when it stopped."""
+        return sorted(self._running)
+
+    def all_failed(self) -> str | None:
+        """When every trial of the stage failed: how many, and the most common reason; else None."""
+        from collections import Counter
+
+        reasons = [r for r in self._ended.values()]
+        if not reasons or any(r is None for r in reasons):
+            return None
+        reason, count = Counter(reasons).most_common(1)[0]
+        return f"all {len(reasons)} trials failed; the most common reason ({count} of them): {reason}"
 
     def _say(self, text: str) -> None:
         print(f"[{self.ctx['study']}/{self.ctx['stage']} {time.time() - self.t0:6.0f}s] {text}", flush=True)
@@ -133,47 +176,32 @@ class StudyProgress(Callback):
         config = trial.config.get("point", trial.config)
         return " ".join(f"{k}={v}" for k, v in config.items())
 
-    def _run_id(self, trial) -> str | None:
-        """The trial's MLflow child (created by the trial itself, so looked up once it exists)."""
-        if trial.trial_id not in self._runs:
-            from amdim.harness.study import find_child
+    def _key(self, trial):
+        from amdim.harness.tracking_queue import RunKey
 
-            run_id = find_child(
-                self.ctx["tracking_uri"], self.ctx["experiment"], self.ctx["parent_run_id"], trial.trial_id
-            )
-            if run_id is None:
-                return None
-            self._runs[trial.trial_id] = run_id
-        return self._runs[trial.trial_id]
+        return RunKey(
+            self.ctx["tracking_uri"], experiment=self.ctx["experiment"], parent=self.ctx["parent_run_id"],
+            tune_trial_id=trial.trial_id,
+        )  # fmt: skip
 
-    def _record(self, trial, what: str, write) -> None:
-        """Write to the trial's MLflow run; the record is secondary to the search, so a failure
-        is said, never raised into Tune."""
-        try:
-            if (run_id := self._run_id(trial)) is not None:
-                write(run_id)
-        except Exception as exc:
-            self._say(f"could not record {what} of trial {trial.trial_id} in MLflow: {exc}")
+    def _records(self):
+        from amdim.harness.tracking_queue import SPOOL, process_queue
+
+        return process_queue(Path(self.ctx["study_dir"]) / SPOOL if "study_dir" in self.ctx else None)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._started[trial.trial_id] = time.time()
+        self._running.add(trial.trial_id)
         self._say(f"trial {self._name(trial)} started: {self._params(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.ctx["tracking_uri"])
         if result.get("first_step_at") is not None and trial.trial_id in self._started:
             startup = float(result["first_step_at"]) - self._started.pop(trial.trial_id)
-            self._record(
-                trial,
-                "startup_s",
-                lambda r: client.log_metric(r, "startup_s", startup, step=int(result["epoch"])),
-            )
+            self._records().metrics(self._key(trial), {"startup_s": startup}, step=int(result["epoch"]))
         if result.get("checkpoint_path"):  # Train path: TuneReportCallback passes the Train checkpoint on
             path = os.path.join(result["checkpoint_path"], "checkpoint.pt")
-            self._record(trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", path))
-        if self.rank in result or result.get("diverged") or result.get("invalid_config"):
+            self._records().tags(self._key(trial), {"checkpoint_path": path})
+        if self.rank in result or result.get("diverged") or result.get("trial_error"):
             return  # the final report; on_trial_complete prints it
         value = result.get(self.online)
         shown = f"{value:.4f}" if isinstance(value, float) else value
@@ -182,20 +210,16 @@ class StudyProgress(Callback):
         )
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.ctx["tracking_uri"])
         path = os.path.join(checkpoint.path, "checkpoint.pt")
-        self._record(trial, "checkpoint_path", lambda r: client.set_tag(r, "checkpoint_path", path))
+        self._records().tags(self._key(trial), {"checkpoint_path": path})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._running.discard(trial.trial_id)
         last = trial.last_result or {}
-        if last.get("invalid_config"):  # the trial marked its own run failed, with the reason
-            self._say(
-                f"trial {self._name(trial)} failed: {last.get('error', 'invalid configuration')} "
-                "(the sampled values do not make a valid configuration together; not restarted, "
-                "it would fail again)"
-            )
+        if last.get("trial_error") or last.get("invalid_config"):  # the trial marked its own run failed
+            reason = last.get("error", "invalid configuration")
+            self._ended[trial.trial_id] = reason
+            self._say(f"trial {self._name(trial)} failed: {reason} (not restarted: it would fail again)")
             return
         if last.get("diverged"):  # the trial marked its own run diverged (FAILED)
             where = (
@@ -203,8 +227,10 @@ class StudyProgress(Callback):
                 if "diverged_at_epoch" in last
                 else ""
             )
+            self._ended[trial.trial_id] = "diverged (non-finite loss)"
             self._say(f"trial {self._name(trial)} diverged (non-finite loss{where}): recorded as failed")
             return
+        self._ended[trial.trial_id] = None
         if self.rank in last:
             other = "probe_test_accuracy" if self.rank == "probe_val_accuracy" else "probe_val_accuracy"
             self._say(
@@ -213,7 +239,9 @@ class StudyProgress(Callback):
             )
             return
         self._say(f"trial {self._name(trial)} early-stopped by ASHA at epoch {last.get('epoch', 0)}")
-        self._mark(trial, "early_stopped", "KILLED", last)
+        self._records().terminate(
+            self._key(trial), "KILLED", {"state": "early_stopped", "stopped_at_epoch": last.get("epoch", 0)}
+        )
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._say(
@@ -222,19 +250,15 @@ class StudyProgress(Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(f"trial {self._name(trial)} failed: {_error_line(trial)}")
-        self._mark(trial, "failed", "FAILED", trial.last_result or {})
-
-    def _mark(self, trial, state: str, status: str, last: dict) -> None:
-        from amdim.harness.study import mark_child
-
-        self._record(
-            trial,
-            f"state {state}",
-            lambda r: mark_child(
-                self.ctx["tracking_uri"], r, state, status, {"stopped_at_epoch": str(last.get("epoch", 0))}
-            ),
-        )
+        self._running.discard(trial.trial_id)
+        reason = _error_line(trial)
+        self._ended[trial.trial_id] = reason
+        self._say(f"trial {self._name(trial)} failed: {reason}")
+        last = trial.last_result or {}
+        self._records().terminate(
+            self._key(trial), "FAILED",
+            {"state": "failed", "error": reason, "stopped_at_epoch": last.get("epoch", 0)},
+        )  # fmt: skip
 
 
 class QuietTrialFailures(logging.Filter):

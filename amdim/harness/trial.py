@@ -85,6 +85,28 @@ def _dataset(spec: str, image_size: int):
     return data_mod.load_data(spec, image_size)
 
 
+def write_outcome(
+    path: str | Path | None, state: str, metrics: dict[str, Any] | None = None, **extra: Any
+) -> None:
+    """The trial's end, in the study folder (``trials/<stage>-<trial>.json``): what a restarted
+    trial reports instead of training again when Tune had not yet recorded that it ended (the
+    driver died between the two), and how a Train-path trial learns its workers' outcome."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"state": state, "metrics": metrics or {}, **extra}, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_outcome(path: str | Path | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
 def train_and_report(
     loop_config: dict[str, Any],
     *,
@@ -95,18 +117,24 @@ def train_and_report(
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     tags: dict[str, str] | None = None,
     registered: Callable[[], int] | None = None,
-) -> str:
+) -> dict[str, Any]:
     """Train ``loop_config["flat"]``, reporting every epoch to ``session`` (``ray.tune`` or
-    ``ray.train``) and to the MLflow run ``loop_config["run_id"]``; with ``loop_config["probe"]``,
-    run the offline probe on rank 0 afterwards and report its result last.
+    ``ray.train``) and, from rank 0, to the MLflow run ``loop_config["run_key"]`` through this
+    process's tracking queue (training never waits for the tracking server); with
+    ``loop_config["probe"]``, run the final evaluation (the offline probe, the segmentation of a
+    mixture model) on rank 0's own device afterwards, and report its result last, with the final
+    checkpoint and the evaluation's files (``probe.json``, ``segmentation.png``) beside it.
 
-    Returns ``"complete"``, or ``"diverged"`` when the loss stopped being finite: then the last
-    report is ``{"diverged": 1, "diverged_at_epoch": E, "diverged_at_step": S}`` and there is no
-    probe. The first report after a (re)start carries ``first_step_at`` (wall-clock time of the end of the
-    first optimiser step in this process), from which the study driver measures a trial's start-up.
+    Returns the last report's metrics (a Train job's rank 0 hands them to its driver as the
+    result's ``return_value``). When the loss stopped being finite that report is
+    ``{"diverged": 1, "diverged_at_epoch": E, "diverged_at_step": S}``, without a checkpoint or a
+    probe. The first report after a (re)start carries ``first_step_at`` (wall-clock time of
+    the end of the first optimiser step in this process), from which the study driver measures a
+    trial's start-up.
     """
     from amdim import trainer
-    from amdim.harness.tracking import RunRecord, system_metrics
+    from amdim.harness.tracking import system_metrics
+    from amdim.harness.tracking_queue import RunKey, process_queue
 
     cfg = from_flat(loop_config["flat"])
     bundle = _dataset(cfg.data.spec, cfg.model.image_size)
@@ -115,11 +143,12 @@ def train_and_report(
         with checkpoint.as_directory() as d:
             payload = ckpt_io.load(Path(d) / "checkpoint.pt")
     start_epoch = int(payload["epoch"]) if payload else 0
-    record = RunRecord(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if record is not None:
-        record.set_tags(tags or {})
+    key = RunKey(**loop_config["run_key"]) if rank == 0 else None
+    records = process_queue(Path(loop_config["spool"]) if loop_config.get("spool") else None)
+    if key is not None:
+        records.tags(key, tags or {})
         if payload is not None:  # a restarted process: say where it picked up, even if no epoch is left
-            record.log_metrics({"restarted_at_epoch": start_epoch}, step=start_epoch)
+            records.metrics(key, {"restarted_at_epoch": start_epoch}, step=start_epoch)
 
     first_step: list[float] = []  # when this process's first optimiser step ended
     sent_first_step: list[bool] = []
@@ -132,8 +161,8 @@ def train_and_report(
 
     def report(metrics: dict[str, float], make_payload) -> None:
         metrics = {**metrics, "resumed_from_epoch": start_epoch, "workers": world}
-        if record is not None:
-            record.log_metrics(metrics, step=int(metrics["epoch"]))
+        if key is not None:
+            records.metrics(key, metrics, step=int(metrics["epoch"]))
         if first_step and not sent_first_step:  # once per (re)start: the driver's start-up figure
             metrics["first_step_at"] = first_step[0]
             sent_first_step.append(True)
@@ -144,10 +173,11 @@ def train_and_report(
                 ck = session.Checkpoint.from_directory(d)
             session.report(metrics, checkpoint=ck)  # persists the checkpoint before it returns
 
+    # MLflow's system-metrics monitor logs to a run id from its own thread: started only when the
+    # run is known within a few seconds (not while the tracking server is down).
+    run_id = records.resolved(key, timeout=10.0) if key is not None and cfg.train.system_metrics_s else None
     monitor = (
-        system_metrics(record.uri, record.run_id, cfg.train.system_metrics_s)
-        if record is not None
-        else contextlib.nullcontext()
+        system_metrics(key.uri, run_id, cfg.train.system_metrics_s) if run_id else contextlib.nullcontext()
     )
     try:
         with monitor:  # ASHA's SystemExit inside a report passes through it too: the monitor stops
@@ -165,37 +195,64 @@ def train_and_report(
     except DivergedError as exc:
         # Deterministic: a restart would diverge again. The run says so, and the last report
         # (no checkpoint, no probe) tells Tune and Optuna that this trial failed for this reason.
-        if record is not None:
-            record.mark_diverged(exc.epoch, exc.step)
-        session.report({"diverged": 1, "diverged_at_epoch": exc.epoch, "diverged_at_step": exc.step})
-        return "diverged"
+        final = {"diverged": 1, "diverged_at_epoch": exc.epoch, "diverged_at_step": exc.step}
+        if key is not None:
+            records.tags(key, {"state": "diverged", "diverged_at": f"epoch {exc.epoch} step {exc.step}",
+                               "diverged_at_epoch": exc.epoch, "diverged_at_step": exc.step})  # fmt: skip
+        session.report(final)
+        return final
     if state.epoch == 0:  # --epochs 0: report the randomly initialised model as the result
         report({"epoch": 0}, lambda: trainer.checkpoint_payload(cfg, state, bundle.n_classes))
-    if loop_config.get("probe"):
-        _probe_and_report(cfg, state, bundle, record, rank, device, session)
-    return "complete"
-
-
-def _probe_and_report(cfg: Config, state, bundle, record, rank: int, device: torch.device, session) -> None:
-    """The offline probe on rank 0's device right after training; its result goes out as one last
-    report (epoch unchanged) so that Tune and Optuna see it."""
-    from amdim.evaluate import final_evaluation
-
     final = {
         k: v for k, v in (state.history[-1] if state.history else {}).items() if isinstance(v, (int, float))
     }
     final["epoch"] = state.epoch
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            result = final_evaluation(
-                state.core, cfg, bundle, device, epoch=state.epoch,
-                segmentation=Path(d) / "segmentation.png",
-            )  # fmt: skip
-            if "segmentation" in result:
-                record.log_artifact(result["segmentation"])
-        probe = result["probe"]
-        record.log_probe(probe)
-        record.log_metrics({"probe_time_s": probe["time_s"]}, step=state.epoch)
-        final.update({f"probe_{k}": probe[k] for k in ("test_accuracy", "val_accuracy", "train_accuracy")})
-        final["probe_time_s"] = probe["time_s"]
-    session.report(final)  # on a Train worker every rank calls it (a barrier); Tune reads rank 0's
+    probe = bool(loop_config.get("probe"))
+    if not probe and cfg.loss.n_mix == 1:
+        return final
+    with tempfile.TemporaryDirectory() as d:
+        ck = None
+        if rank == 0:
+            final.update(_final_evaluation(cfg, state, bundle, device, Path(d), key, records, probe))
+            ckpt_io.save(Path(d) / "checkpoint.pt", trainer.checkpoint_payload(cfg, state, bundle.n_classes))
+            ck = session.Checkpoint.from_directory(d)
+        # On a Train worker every rank reports (a barrier); Tune and Train read rank 0's.
+        session.report(final, checkpoint=ck)
+    return final
+
+
+def _final_evaluation(
+    cfg: Config, state, bundle, device: torch.device, folder: Path, key, records, probe: bool
+) -> dict[str, Any]:
+    """Rank 0, right after training, on its own device: the offline probe and, for a mixture model,
+    the segmentation PNG, written into ``folder`` (the final checkpoint's) and recorded on the run."""
+    from amdim.evaluate import final_evaluation
+
+    result = final_evaluation(
+        state.core,
+        cfg,
+        bundle,
+        device,
+        epoch=state.epoch,
+        probe=probe,
+        segmentation=folder / "segmentation.png",
+    )
+    if key is not None and "segmentation" in result:
+        records.artifact(key, "segmentation.png", Path(result["segmentation"]).read_bytes())
+    if not probe:
+        return {}
+    probe_result = result["probe"]
+    (folder / "probe.json").write_text(json.dumps(probe_result, indent=2, default=str) + "\n")
+    ran_on = f"rank 0 worker, pid {os.getpid()}, {device.type}" + (
+        f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    )
+    if key is not None:
+        keys = ("test_accuracy", "val_accuracy", "train_accuracy", "lr", "weight_decay")
+        step = int(probe_result.get("epoch", 0))
+        records.metrics(key, {f"probe_{k}": probe_result[k] for k in keys if k in probe_result}, step=step)
+        records.metrics(key, {"probe_time_s": probe_result["time_s"]}, step=step)
+        records.tags(key, {"probe_protocol": probe_result["protocol"], "probe_ran_on": ran_on})
+        records.json_artifact(key, "probe.json", probe_result)
+    out = {f"probe_{k}": probe_result[k] for k in ("test_accuracy", "val_accuracy", "train_accuracy")}
+    out["probe_time_s"] = probe_result["time_s"]
+    return out

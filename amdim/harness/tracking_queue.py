@@ -1,0 +1,329 @@
+"""MLflow writes that never make training wait for the tracking server.
+
+Every write of a training process (a study trial, a Train worker) and of a study driver's
+bookkeeping goes through a :class:`TrackingQueue`: the caller enqueues and returns at once; one
+background thread per process sends the writes in order, each retried until it succeeds. A
+tracking server that is down for a while therefore costs nothing but delay in the record: the
+run's metrics arrive when it is back. What is still unsent when a trial ends and the queue has
+waited ``AMDIM_TRACKING_FLUSH_S`` seconds (default 30) for it is written to a spool file in the
+study's folder (``tracking-spool/``), and the study driver sends it later (:func:`replay`): at the
+end of the stage, and at the start of the next study command.
+
+MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``) queues metric batches
+too, but drops a batch once its client's retries run out (the future only holds the exception) and
+does not cover run creation, artifacts or a run's end; this queue keeps every write until it is
+sent or spooled.
+
+Runs are addressed by :class:`RunKey`: a run id where the caller has one, or, for a study trial,
+its parent run and Tune trial id, so that a trial can start and train while its MLflow run cannot
+be created yet (the first write creates it, or finds it after a restart: never a duplicate).
+Every write is idempotent (MLflow keeps one copy of a metric logged twice with the same
+timestamp), so a write sent twice (spooled while its first send was still under way) is harmless.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPOOL = "tracking-spool"
+
+
+def flush_seconds() -> float:
+    return float(os.environ.get("AMDIM_TRACKING_FLUSH_S", "30"))
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Which MLflow run a write is for: ``run_id``, or the study trial ``tune_trial_id`` under
+    ``parent`` in ``experiment`` (found by its tags, created by its ``ensure`` write)."""
+
+    uri: str
+    run_id: str | None = None
+    experiment: str | None = None
+    parent: str | None = None
+    tune_trial_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class _Op:
+    key: RunKey
+    kind: str  # ensure | status | metrics | tags | artifact | terminate
+    args: dict[str, Any] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key.as_dict(), "kind": self.kind, "args": self.args}
+
+
+class _Sender:
+    """Performs one write against MLflow; keeps the run ids it has resolved."""
+
+    def __init__(self) -> None:
+        self._ids: dict[RunKey, str] = {}
+
+    def run_id(self, key: RunKey, create: dict[str, Any] | None = None) -> str | None:
+        if key.run_id:
+            return key.run_id
+        if key in self._ids:
+            return self._ids[key]
+        import mlflow
+
+        client = mlflow.MlflowClient(key.uri)
+        exp = client.get_experiment_by_name(key.experiment)
+        found = []
+        if exp is not None:
+            found = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{key.parent}' and tags.tune_trial_id = '{key.tune_trial_id}'",
+                max_results=1,
+            )
+        if found:
+            self._ids[key] = found[0].info.run_id
+        elif create is not None:
+            from amdim.harness.tracking import experiment_id
+
+            tags = {**create["tags"], "mlflow.parentRunId": key.parent, "tune_trial_id": key.tune_trial_id}
+            run = client.create_run(
+                experiment_id(key.uri, key.experiment), run_name=create["name"], tags=tags
+            )
+            self._ids[key] = run.info.run_id
+        return self._ids.get(key)
+
+    def send(self, op: _Op) -> None:
+        import mlflow
+        from mlflow.entities import Metric, Param
+
+        run_id = self.run_id(op.key, op.args if op.kind == "ensure" else None)
+        if run_id is None:
+            raise LookupError(f"no MLflow run yet for trial {op.key.tune_trial_id}")
+        client = mlflow.MlflowClient(op.key.uri)
+        a = op.args
+        if op.kind == "ensure":  # found or created above; its parameters and tags, again or first
+            params = [Param(k, str(v)) for k, v in a["params"].items()]
+            for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+                client.log_batch(run_id, params=params[i : i + 100])
+            _set_tags(client, run_id, a["tags"])
+        elif op.kind == "status":
+            client.update_run(run_id, status=a["status"])
+        elif op.kind == "metrics":
+            batch = [Metric(k, float(v), ts, step) for k, v, ts, step in a["metrics"]]
+            for i in range(0, len(batch), 1000):
+                client.log_batch(run_id, metrics=batch[i : i + 1000])
+        elif op.kind == "tags":
+            _set_tags(client, run_id, a["tags"])
+        elif op.kind == "artifact":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / a["name"]
+                path.write_bytes(base64.b64decode(a["data"]))
+                client.log_artifact(run_id, str(path))
+        elif op.kind == "terminate":
+            _set_tags(client, run_id, a.get("tags", {}))
+            client.set_terminated(run_id, status=a["status"])
+        else:
+            raise ValueError(f"unknown tracking write {op.kind}")
+
+
+def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, tags=items[i : i + 100])
+
+
+class TrackingQueue:
+    """One process's MLflow writes, sent in order by a background thread (see the module doc).
+
+    ``spool_dir``: where writes still unsent at :meth:`close` go (None: they are dropped, with a
+    line saying so; a run outside a study has no driver to send them later).
+    """
+
+    def __init__(self, spool_dir: Path | None = None, log=print) -> None:
+        self.spool_dir = spool_dir
+        self.log = log
+        self._ops: queue.Queue[_Op] = queue.Queue()
+        self._pending: list[_Op] = []
+        self._lock = threading.Lock()
+        self._sender = _Sender()
+        self._failures = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="amdim-tracking", daemon=True)
+        self._thread.start()
+
+    # -- enqueue (never blocks) ------------------------------------------------------------------
+
+    def put(self, key: RunKey, kind: str, **args: Any) -> None:
+        op = _Op(key, kind, args)
+        with self._lock:
+            self._pending.append(op)
+        self._ops.put(op)
+
+    def ensure(self, key: RunKey, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        self.put(key, "ensure", name=name, params={k: str(v) for k, v in params.items()}, tags=tags)
+
+    def metrics(self, key: RunKey, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [
+            [k, float(v), now, int(step)]
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is not stored
+        ]
+        if rows:
+            self.put(key, "metrics", metrics=rows)
+
+    def tags(self, key: RunKey, tags: dict[str, Any]) -> None:
+        if tags:
+            self.put(key, "tags", tags={k: str(v) for k, v in tags.items()})
+
+    def artifact(self, key: RunKey, name: str, data: bytes) -> None:
+        self.put(key, "artifact", name=name, data=base64.b64encode(data).decode())
+
+    def json_artifact(self, key: RunKey, name: str, obj: Any) -> None:
+        self.artifact(key, name, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    def terminate(self, key: RunKey, status: str, tags: dict[str, Any] | None = None) -> None:
+        self.put(key, "terminate", status=status, tags={k: str(v) for k, v in (tags or {}).items()})
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            op = self._ops.get()
+            delay = 1.0
+            while not op.done.is_set():
+                try:
+                    self._sender.send(op)
+                    self._failures = 0
+                    op.done.set()
+                except Exception as exc:  # the server is down, or the run is not there yet
+                    self._failures += 1
+                    self.last_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            with self._lock:
+                self._pending.remove(op)
+
+    def resolved(self, key: RunKey, timeout: float) -> str | None:
+        """The run id of ``key`` once this queue's writes for it so far are sent (its ``ensure``
+        first), waiting at most ``timeout`` s; None when the server has not answered by then."""
+        if key.run_id:
+            return key.run_id
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            ops = [op for op in self._pending if op.key == key]
+        for op in ops:
+            if not op.done.wait(max(0.0, deadline - time.monotonic())):
+                return None
+        return self._sender._ids.get(key)
+
+    def unsent(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for every write enqueued so far; True when all were sent."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            ops = list(self._pending)
+        return all(op.done.wait(max(0.0, deadline - time.monotonic())) for op in ops)
+
+    def close(self, timeout: float | None = None, *, who: str = "") -> Path | None:
+        """Wait up to ``timeout`` (default ``AMDIM_TRACKING_FLUSH_S``) for the writes so far, then
+        write the unsent ones to a spool file (returned) for :func:`replay`. The queue stays
+        usable: the thread keeps sending, and a write that lands after being spooled lands twice
+        (harmlessly)."""
+        if self.wait(flush_seconds() if timeout is None else timeout):
+            return None
+        with self._lock:
+            left = [op for op in self._pending if not op.done.is_set()]
+        if not left:
+            return None
+        if self.spool_dir is None:
+            self.log(
+                f"amdim: {len(left)} MLflow write(s){' of ' + who if who else ''} not sent: the tracking server "
+                f"does not answer ({self.last_error})"
+            )
+            return None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"{time.time():.6f}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(op.to_json()) + "\n" for op in left))
+        tmp.replace(path)
+        self.log(
+            f"amdim: the tracking server does not answer ({self.last_error}); {len(left)} MLflow write(s)"
+            f"{' of ' + who if who else ''} kept in {path} and sent when it is back"
+        )
+        return path
+
+
+_PROCESS_QUEUE: TrackingQueue | None = None
+
+
+def process_queue(spool_dir: Path | None, log=print) -> TrackingQueue:
+    """This process's queue (one sending thread per process: a reused trial actor keeps sending an
+    earlier trial's writes while it trains the next)."""
+    global _PROCESS_QUEUE
+    if _PROCESS_QUEUE is None:
+        _PROCESS_QUEUE = TrackingQueue(spool_dir, log)
+    _PROCESS_QUEUE.spool_dir = spool_dir
+    _PROCESS_QUEUE.log = log
+    return _PROCESS_QUEUE
+
+
+def spooled(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("*.jsonl")) if spool_dir.is_dir() else []
+
+
+def replay(spool_dir: Path, *, attempts: int = 1) -> tuple[int, int]:
+    """Send the spooled writes, file by file in the order they were written; a file is removed
+    once all of its writes are sent, and each run that received late writes is tagged
+    ``tracking=late``. Returns ``(files sent, files left)``. Never raises: with the server still
+    down, everything stays for the next call."""
+    files = spooled(spool_dir)
+    sender, sent = _Sender(), 0
+    for path in files:
+        try:
+            ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            continue
+        try:
+            late = set()
+            for raw in ops:
+                op = _Op(RunKey(**raw["key"]), raw["kind"], raw["args"])
+                for attempt in range(attempts):
+                    try:
+                        sender.send(op)
+                        break
+                    except LookupError:  # the run's creation is in no spool: nothing to attach to
+                        break
+                    except Exception:
+                        if attempt == attempts - 1:
+                            raise
+                        time.sleep(1.0)
+                if (run_id := sender.run_id(op.key)) is not None:
+                    late.add((op.key.uri, run_id))
+            import mlflow
+
+            for uri, run_id in late:
+                mlflow.MlflowClient(uri).set_tag(run_id, "tracking", "late")
+        except Exception:
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+        sent += 1
+    return sent, len(files) - sent
