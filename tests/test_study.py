@@ -476,9 +476,13 @@ def test_an_invalid_combination_on_the_train_path_fails_before_any_train_job(tmp
     proc = run_amdim(runs, "study", "run", str(spec_path))
     # Its only trial failed: the study exits non-zero, with the reason in one line.
     assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "amdim: error: study 'invalid-train': all 1 trials failed; the most common reason (1 of them): "
-        "invalid configuration: aug.crop_scale_min"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "amdim: error: study 'invalid-train': all 1 trials failed; the most common reason (1 of them): "
+            "invalid configuration: aug.crop_scale_min"
+        )
     ), proc.stderr[-2000:]
     assert "Tune restarts it" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
     (trial,) = _optuna(runs, "invalid-train").trials
@@ -622,3 +626,122 @@ def test_dashboard_serves_the_study_on_localhost(smoke):
     # An unknown study is one line.
     bad = run_amdim(runs, "dashboard", "nope")
     assert bad.returncode == 2 and "no Optuna database for a study named 'nope'" in bad.stderr
+
+
+def _interrupt_when_a_trial_ended_and_another_checkpointed(
+    runs: Path, name: str, path: str, proc
+) -> tuple[list[str], list[str]]:
+    """Wait until one trial has ended and a running one has a checkpoint Tune would resume from,
+    then press Ctrl-C: SIGINT to the driver's whole process group, as a terminal sends it.
+    Returns the Tune trial ids that were running then, and those of them with a checkpoint."""
+    sdir = runs / "studies" / name
+    found: dict[str, list[str]] = {}
+
+    def ready() -> bool:
+        if not (sdir / "optuna.db").exists():
+            return False
+        try:
+            trials = _optuna(runs, name).trials
+        except Exception:
+            return False
+        running = [
+            t.user_attrs["tune_trial_id"]
+            for t in trials
+            if t.state.name == "RUNNING" and "tune_trial_id" in t.user_attrs
+        ]
+        found["running"] = running
+        found["saved"] = [tid for tid in running if _checkpoint_saved(sdir, path, tid)]
+        return any(t.state.is_finished() for t in trials) and bool(found["saved"])
+
+    _wait_for(ready, 300, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    return found["running"], found["saved"]
+
+
+@pytest.mark.parametrize("path", ["tune", pytest.param("train", marks=pytest.mark.slow)])
+def test_ctrl_c_then_the_same_command_finishes_the_study(tmp_path, path, monkeypatch, capsys):
+    """Ctrl-C in the middle of the smoke study: the driver exits 130 saying the study was
+    interrupted; the parent run is KILLED and `study status` says interrupted; the trials it
+    stopped are KILLED (state interrupted) in MLflow and still running in Optuna, for Tune to
+    resume. The same command then resumes the study to its end: every trial in a final state,
+    none failed, no duplicate run, the interrupted ones continued from their checkpoints."""
+    runs = tmp_path / "runs"
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = f"ctrl-c-{path}"
+    spec["budget"].update({"epochs": 4, "launcher": path})
+    if path == "train":
+        spec["budget"].update({"trials": 3, "workers": 2, "cpus_per_worker": 0.5, "max_concurrent": 1})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    name, trials = spec["name"], spec["budget"]["trials"]
+    command = ("study", "run", str(spec_path), *SMOKE_TEST_SIZE)
+    proc = start_amdim(runs, *command, extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    try:
+        running, saved = _interrupt_when_a_trial_ended_and_another_checkpointed(runs, name, path, proc)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert f"amdim: study '{name}' interrupted; run the same command to resume it" in out
+    assert "Traceback" not in out
+    client, parent, children = _children(runs, name)
+    assert client.get_run(parent).info.status == "KILLED"
+    assert running and all(t.state.name != "FAIL" for t in _optuna(runs, name).trials)
+    stopped = [r for r in children if r.data.tags["tune_trial_id"] in running]
+    assert stopped and all(
+        (r.data.tags["state"], r.info.status) == ("interrupted", "KILLED") for r in stopped
+    )
+    rc, status, err = _amdim_here(runs, monkeypatch, capsys, "study", "status", name)
+    assert rc == 0 and "search stage: interrupted; the same command resumes it" in status, status + err
+
+    again = run_amdim(runs, *command)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the search stage" in again.stdout
+    final = _optuna(runs, name).trials
+    assert len(final) == trials and all(t.state.name in ("COMPLETE", "PRUNED") for t in final)
+    client, parent, children = _children(runs, name)
+    assert client.get_run(parent).info.status == "FINISHED"
+    ids = [r.data.tags["tune_trial_id"] for r in children]
+    assert len(ids) == len(set(ids)) == trials  # no duplicate run
+    assert all(
+        r.info.status in ("FINISHED", "KILLED") and r.data.tags["state"] in ("complete", "early_stopped")
+        for r in children
+    )
+    for run in (r for r in children if r.data.tags["tune_trial_id"] in saved):
+        restarts = [m.value for m in client.get_metric_history(run.info.run_id, "restarted_at_epoch")]
+        assert restarts and min(restarts) >= 1, restarts  # continued from its checkpoint
+    rc, status, _ = _amdim_here(runs, monkeypatch, capsys, "study", "status", name)
+    assert "search stage: finished" in status
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_the_study_still_resumes(tmp_path):
+    """Ctrl-C twice: the second one does not wait for Tune's final save; the driver still exits 130
+    and the same command still runs the study to its end."""
+    runs = tmp_path / "runs"
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = "ctrl-c-twice"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    command = ("study", "run", str(spec_path), *SMOKE_TEST_SIZE)
+    proc = start_amdim(runs, *command, extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    try:
+        _interrupt_when_a_trial_ended_and_another_checkpointed(runs, "ctrl-c-twice", "tune", proc)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert "amdim: interrupted" in out or "interrupted; run the same command" in out, out[-2000:]
+    again = run_amdim(runs, *command)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    final = _optuna(runs, "ctrl-c-twice").trials
+    assert len(final) == spec["budget"]["trials"]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in final)
+    _, _, children = _children(runs, "ctrl-c-twice")
+    assert len({r.data.tags["tune_trial_id"] for r in children}) == len(children) == len(final)
