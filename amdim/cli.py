@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow sets its loggers' level when imported (later, lazily); this is the level it reads then.
     # Not "Creating initial MLflow database tables" or "Started monitoring system metrics" on every run.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Nor, with a tracking server, a "View run ... at: URL" line (and a request) per ended run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if "mlflow" in sys.modules:  # imported already (amdim called from Python): set it directly
         import logging
 

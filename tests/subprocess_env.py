@@ -20,14 +20,34 @@ def clean_env(runs: Path) -> dict[str, str]:
     return env
 
 
+# `amdim` as a driver on a machine without CUDA, stricter: any CUDA query in this process raises
+# (the workers Ray starts are other processes, untouched).
+HIDDEN_CUDA = (
+    "import sys, torch\n"
+    "def hidden(*args, **kwargs):\n"
+    "    raise AssertionError('the driver queried CUDA')\n"
+    "for name in ('is_available', 'device_count', 'get_device_name', 'current_device', 'init', 'get_rng_state'):\n"
+    "    setattr(torch.cuda, name, hidden)\n"
+    "from amdim.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def run_amdim(
-    runs: Path, *args: str, timeout: float = 400, extra_env: dict[str, str] | None = None
+    runs: Path,
+    *args: str,
+    timeout: float = 400,
+    extra_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    hide_cuda: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`amdim ARGS` from the repository root, to completion, output captured."""
+    """`amdim ARGS` from the repository root, to completion, output captured; ``env`` replaces
+    :func:`clean_env`'s environment, ``hide_cuda`` runs it with :data:`HIDDEN_CUDA`."""
+    entry = ["-c", HIDDEN_CUDA] if hide_cuda else ["-m", "amdim.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "amdim.cli", *args],
+        [sys.executable, *entry, *args],
         cwd=ROOT,
-        env={**clean_env(runs), **(extra_env or {})},
+        env={**(env if env is not None else clean_env(runs)), **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -59,11 +59,27 @@ def test_worker_threads_round_the_cpu_reservation(cpus, threads):
 
 @pytest.mark.parametrize("spec", ["synthetic", f"npz:{SUBSET}"], ids=["synthetic", "cifar10-subset"])
 def test_two_worker_run_survives_a_killed_worker_and_is_fully_recorded(store, monkeypatch, spec):
+    """Also: the driver (this process) never queries CUDA, as on a CPU-only head (any query
+    raises here), and the final evaluation runs on rank 0's worker, as its run records."""
     if spec.startswith("npz") and not SUBSET.exists():
         pytest.skip("shared CIFAR-10 subset not present")
     marker = store / "killed"
     monkeypatch.setenv("AMDIM_FAULT_INJECT", f"1:1:{marker}")  # SIGKILL rank 1 mid-way through epoch 2, once
-    cfg, summary = _train(spec, store / "out", **{"train.epochs": 3})
+
+    def hidden(*args, **kwargs):
+        raise AssertionError("the driver queried CUDA")
+
+    with pytest.MonkeyPatch.context() as cuda:
+        for name in (
+            "is_available",
+            "device_count",
+            "get_device_name",
+            "current_device",
+            "init",
+            "get_rng_state",
+        ):
+            cuda.setattr(torch.cuda, name, hidden)
+        cfg, summary = _train(spec, store / "out", **{"train.epochs": 3})
     assert marker.exists(), "the fault was not injected"
     assert (store / "out" / "checkpoint.pt").is_file() and (store / "out" / "metrics.json").is_file()
     assert summary["epochs"] == 3 and "probe" in summary
@@ -84,6 +100,8 @@ def test_two_worker_run_survives_a_killed_worker_and_is_fully_recorded(store, mo
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
     assert 0.0 <= run.data.metrics["probe_test_accuracy"] <= 1.0
     assert run.data.tags["probe_protocol"] == "linear-frozen-r1-v1"
+    where, pid, device = run.data.tags["probe_ran_on"].split(", ")
+    assert (where, device) == ("rank 0 worker", "cpu") and int(pid.split()[1]) != os.getpid()
     for tag in ("git_commit", "device", "dataset", "version.torch", "version.ray", "version.mlflow"):
         assert run.data.tags[tag], tag
     assert run.data.tags["device"].startswith("2x CPU")

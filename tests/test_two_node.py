@@ -9,14 +9,9 @@ Slow (about 3 minutes on 2 cores): `./dev test -m slow tests/test_two_node.py`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,17 +19,11 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from ray_nodes import Nodes, free_port
 from subprocess_env import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).with_name("ray")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -44,68 +33,24 @@ def _env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two-node")
-    # Ray's session sockets must fit AF_UNIX's 107-byte path limit: keep its temp dir short.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r2n-", dir="/tmp"))
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = _env(tmp)
-    procs = []
-
-    def start(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [str(RAY), "start", "--block", *args],
-            env=env,
-            stdout=open(tmp / f"node{len(procs)}.log", "w"),  # noqa: SIM115 (open for the node's life)
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so that teardown kills exactly this node
-        )
-        procs.append(proc)
-        return proc
-
+    nodes = Nodes(tmp, env)
+    env = nodes.env
     t0 = time.perf_counter()
-    start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-          '--resources={"head": 1}', "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-          "--include-dashboard=true", f"--temp-dir={ray_tmp}")  # fmt: skip
+    nodes.start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                '--resources={"head": 1}', "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                "--include-dashboard=true")  # fmt: skip
     address = f"127.0.0.1:{port}"
-    _wait_nodes(address, env, 1)
-    start(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-          '--resources={"gpu_node": 2}')  # fmt: skip
-    _wait_nodes(address, env, 2)
+    nodes.wait(address, 1)
+    nodes.start(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                '--resources={"gpu_node": 2}')  # fmt: skip
+    nodes.wait(address, 2)
     started = time.perf_counter() - t0
     try:
         yield tmp, address, env, started
     finally:
-        for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        time.sleep(2)
-        left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
-def _wait_nodes(address: str, env: dict[str, str], n: int, timeout: float = 90) -> None:
-    code = (
-        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
-        "print(sum(1 for x in ray.nodes() if x['Alive']))"
-    )
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            out = subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
-            )
-        except subprocess.TimeoutExpired:
-            continue
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the cluster at {address} did not reach {n} nodes")
+        nodes.stop()
 
 
 def _spec(tmp: Path, launcher: str = "train") -> Path:

@@ -44,6 +44,7 @@ DRIVER_ENV = {
 # Read inside the trial actors and Train workers.
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # a "View run ... at: URL" line per ended run
     # A reused trial actor waits this long for the previous trial's thread to end (default 2 s;
     # a thread still alive then fails the next trial). ASHA's stop ends it at once, inside its report.
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
@@ -105,7 +106,20 @@ def init_ray(**kwargs: Any) -> bool:
     set_driver_env()
     if joins_a_cluster():
         env_vars = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env_vars}, **kwargs)
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+        except ConnectionError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            auth = (
+                f"; RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} is set here: unset it to use the cluster's "
+                "token authentication (~/.ray/auth_token, or RAY_AUTH_TOKEN)"
+                if os.environ.get("RAY_AUTH_MODE") == "disabled"
+                else ""
+            )
+            raise UserError(
+                f"cannot join the Ray cluster at {address or 'this machine'}: {first}{auth}"
+            ) from None
         return True
     deadline = time.monotonic() + float(os.environ.get("AMDIM_RAY_WAIT_S", "20"))
     while (others := other_local_ray()) and time.monotonic() < deadline:

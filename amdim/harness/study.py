@@ -217,7 +217,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     import ray
     import ray.tune
 
-    from amdim.harness.tracking_queue import RunKey, process_queue
+    from amdim.harness.tracking_queue import RunKey, flush_seconds, process_queue
     from amdim.harness.trial import read_outcome, write_outcome
 
     t0 = time.time()
@@ -290,6 +290,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             final = _train_in_actor(loop_config)
         else:
             final = _train_as_job(loop_config, ctx, trial_id)
+    except SystemExit:  # ASHA stopped it (the driver records that): what is queued, sent or spooled
+        records.close(timeout=min(flush_seconds(), 10.0), who=f"trial {trial_id}")
+        raise
     except Exception as exc:
         from amdim.harness.ray_train import failed_job
 
@@ -831,7 +834,7 @@ def _run_stage(spec: StudySpec, stage: str, resuming: bool, log, confirm_points=
             tuner = _tuner(spec, ctx, n, sdir / "tune" / stage, log)
             # The parent run's system metrics: the machine the driver runs on, over the stage.
             with (
-                tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s),
+                tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s, finish_within=5.0),
                 _trial_actors_inherit_env(scope.inherited),
             ):
                 grid = tuner.fit()
@@ -1044,7 +1047,12 @@ def study_status(name: str) -> dict[str, Any]:
             k: _stage_state(v) for k, v in _read_json(state_path).get("stages", {}).items()
         }
     out["spooled"] = len(spooled(study_dir(name) / SPOOL))
-    _, _, runs = study_runs(name)
+    try:
+        tracking.check_tracking(tracking.tracking_uri())
+        _, _, runs = study_runs(name)
+    except UserError as exc:  # the tracking server is down: Optuna's view alone
+        out["mlflow_error"] = str(exc)
+        runs = []
     counts = Counter((r.data.tags.get("stage"), r.data.tags.get("state")) for r in runs)
     for (stage, state), n in sorted(counts.items(), key=lambda kv: (str(kv[0][0]), -kv[1])):
         if stage is not None and state is not None:
@@ -1090,7 +1098,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {status['spooled']} batch(es) of trial records not yet in MLflow (the tracking server did not "
             "answer); sent by the next study command"
         )
-    if not status["stages"]:
+    if status.get("mlflow_error"):
+        lines.append(f"  MLflow: {status['mlflow_error']}; trial states from Optuna only")
+    elif not status["stages"]:
         lines.append("  no trials recorded yet")
     for stage, counts in status["stages"].items():
         total = sum(counts.values())

@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -245,13 +246,23 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def system_metrics(uri: str, run_id: str, every_s: float):
+def system_metrics(
+    uri: str, run_id: str | Callable[[], str | None], every_s: float, finish_within: float | None = None
+):
     """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, and
     ``system/gpu_*`` where NVML sees a GPU) logged to ``run_id`` every ``every_s`` seconds while
-    the block runs; nothing when ``every_s`` is 0. A restarted run continues the step count."""
+    the block runs; nothing when ``every_s`` is 0. A restarted run continues the step count.
+
+    ``run_id`` may be a callable that waits for the id (a study trial's run, created by its
+    tracking queue): the monitor then starts once it returns, never delaying the block.
+    ``finish_within``: at the end, wait at most this long for the monitor's last sample (sent
+    from its own thread, which a tracking server that does not answer keeps busy), then go on.
+    """
     if not every_s:
         yield None
         return
+    import threading
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     class FinalSample(SystemMetricsMonitor):
@@ -272,12 +283,31 @@ def system_metrics(uri: str, run_id: str, every_s: float):
                 pass
             self._process = None
 
-    monitor = FinalSample(run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=uri)
-    monitor.start()
+    lock, state = threading.Lock(), {"monitor": None, "ended": False}
+
+    def start(rid: str | None) -> None:
+        with lock:
+            if rid and not state["ended"]:
+                state["monitor"] = FinalSample(
+                    rid, sampling_interval=every_s, resume_logging=True, tracking_uri=uri
+                )
+                state["monitor"].start()
+
+    if callable(run_id):
+        getter = run_id
+        threading.Thread(target=lambda: start(getter()), name="amdim-system-metrics", daemon=True).start()
+    else:
+        start(run_id)
     try:
-        yield monitor
+        yield None
     finally:
-        monitor.finish()
+        with lock:
+            state["ended"] = True
+            monitor = state["monitor"]
+        if monitor is not None:
+            ender = threading.Thread(target=monitor.finish, name="amdim-system-metrics-end", daemon=True)
+            ender.start()
+            ender.join(finish_within)
 
 
 def run_checkpoint(run_id: str) -> Path:

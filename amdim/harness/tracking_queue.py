@@ -63,6 +63,8 @@ class _Op:
     kind: str  # ensure | status | metrics | tags | artifact | terminate
     args: dict[str, Any] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
+    attempts: int = 0
+    no_run: bool = False  # the server answered, and the run it is for does not exist (yet)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key.as_dict(), "kind": self.kind, "args": self.args}
@@ -160,7 +162,6 @@ class TrackingQueue:
         self._pending: list[_Op] = []
         self._lock = threading.Lock()
         self._sender = _Sender()
-        self._failures = 0
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="amdim-tracking", daemon=True)
         self._thread.start()
@@ -208,13 +209,15 @@ class TrackingQueue:
             while not op.done.is_set():
                 try:
                     self._sender.send(op)
-                    self._failures = 0
                     op.done.set()
                 except Exception as exc:  # the server is down, or the run is not there yet
-                    self._failures += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    op.attempts += 1
+                    op.no_run = isinstance(exc, LookupError)
+                    if not op.no_run:
+                        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                        self.last_error = f"{type(exc).__name__}: {first}"
+                    time.sleep(1.0 if op.no_run else delay)
+                    delay = 1.0 if op.no_run else min(delay * 2, 30.0)
             with self._lock:
                 self._pending.remove(op)
 
@@ -236,11 +239,20 @@ class TrackingQueue:
             return len(self._pending)
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for every write enqueued so far; True when all were sent."""
+        """Wait up to ``timeout`` s for every write enqueued so far; True when all were sent. Stops
+        early when every write left is for a run the server says does not exist (a trial that
+        ended before it created its run): waiting would not create it."""
         deadline = time.monotonic() + timeout
         with self._lock:
             ops = list(self._pending)
-        return all(op.done.wait(max(0.0, deadline - time.monotonic())) for op in ops)
+        while time.monotonic() < deadline:
+            left = [op for op in ops if not op.done.is_set()]
+            if not left:
+                return True
+            if all(op.no_run and op.attempts >= 3 for op in left):
+                return False
+            left[0].done.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+        return all(op.done.is_set() for op in ops)
 
     def close(self, timeout: float | None = None, *, who: str = "") -> Path | None:
         """Wait up to ``timeout`` (default ``AMDIM_TRACKING_FLUSH_S``) for the writes so far, then
@@ -253,21 +265,21 @@ class TrackingQueue:
             left = [op for op in self._pending if not op.done.is_set()]
         if not left:
             return None
+        of = f" of {who}" if who else ""
+        why = (
+            "they are for runs that do not exist: trials that ended before they created one"
+            if all(op.no_run for op in left)
+            else f"the tracking server does not answer ({self.last_error})"
+        )
         if self.spool_dir is None:
-            self.log(
-                f"amdim: {len(left)} MLflow write(s){' of ' + who if who else ''} not sent: the tracking server "
-                f"does not answer ({self.last_error})"
-            )
+            self.log(f"amdim: {len(left)} MLflow write(s){of} not sent: {why}")
             return None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         path = self.spool_dir / f"{time.time():.6f}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(op.to_json()) + "\n" for op in left))
         tmp.replace(path)
-        self.log(
-            f"amdim: the tracking server does not answer ({self.last_error}); {len(left)} MLflow write(s)"
-            f"{' of ' + who if who else ''} kept in {path} and sent when it is back"
-        )
+        self.log(f"amdim: {len(left)} MLflow write(s){of} kept in {path}, to be sent later: {why}")
         return path
 
 
@@ -289,41 +301,52 @@ def spooled(spool_dir: Path) -> list[Path]:
     return sorted(spool_dir.glob("*.jsonl")) if spool_dir.is_dir() else []
 
 
-def replay(spool_dir: Path, *, attempts: int = 1) -> tuple[int, int]:
-    """Send the spooled writes, file by file in the order they were written; a file is removed
-    once all of its writes are sent, and each run that received late writes is tagged
-    ``tracking=late``. Returns ``(files sent, files left)``. Never raises: with the server still
-    down, everything stays for the next call."""
+def replay(spool_dir: Path) -> tuple[int, int]:
+    """Send the spooled writes: first every file's ``ensure`` writes (which find or create the
+    runs, whichever process spooled them), then each file's other writes in the order they were
+    made. A file is removed once all of its writes are sent, and each run that received late
+    writes is tagged ``tracking=late``; a write for a run that was never created (its trial ended
+    before it made one) is dropped. Returns ``(files sent, files left)``. Never raises: with the
+    server still down, everything stays for the next call."""
+    from amdim.errors import UserError
+    from amdim.harness.tracking import check_tracking
+
     files = spooled(spool_dir)
-    sender, sent = _Sender(), 0
+    batches = []
     for path in files:
         try:
-            ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
-            continue
-        try:
+            raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            batches.append((path, [_Op(RunKey(**r["key"]), r["kind"], r["args"]) for r in raw]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not ours: left alone
+    try:
+        for uri in {op.key.uri for _, ops in batches for op in ops}:
+            check_tracking(uri)
+    except UserError:
+        return 0, len(files)
+    sender, sent = _Sender(), 0
+    try:
+        for _, ops in batches:
+            for op in ops:
+                if op.kind == "ensure":
+                    sender.send(op)
+        for path, ops in batches:
             late = set()
-            for raw in ops:
-                op = _Op(RunKey(**raw["key"]), raw["kind"], raw["args"])
-                for attempt in range(attempts):
-                    try:
-                        sender.send(op)
-                        break
-                    except LookupError:  # the run's creation is in no spool: nothing to attach to
-                        break
-                    except Exception:
-                        if attempt == attempts - 1:
-                            raise
-                        time.sleep(1.0)
-                if (run_id := sender.run_id(op.key)) is not None:
-                    late.add((op.key.uri, run_id))
+            for op in ops:
+                if op.kind == "ensure":
+                    continue
+                try:
+                    sender.send(op)
+                except LookupError:
+                    continue
+                late.add((op.key.uri, sender.run_id(op.key)))
             import mlflow
 
             for uri, run_id in late:
                 mlflow.MlflowClient(uri).set_tag(run_id, "tracking", "late")
-        except Exception:
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
-        sent += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            sent += 1
+    except Exception:  # the server stopped answering again: the rest waits for the next call
+        pass
     return sent, len(files) - sent

@@ -173,11 +173,18 @@ def train_and_report(
                 ck = session.Checkpoint.from_directory(d)
             session.report(metrics, checkpoint=ck)  # persists the checkpoint before it returns
 
-    # MLflow's system-metrics monitor logs to a run id from its own thread: started only when the
-    # run is known within a few seconds (not while the tracking server is down).
-    run_id = records.resolved(key, timeout=10.0) if key is not None and cfg.train.system_metrics_s else None
+    # MLflow's system-metrics monitor logs to a run id from its own thread: it starts once the
+    # tracking queue has the run (at once, or when the server answers again), never delaying
+    # training, and its last sample is not waited for long.
     monitor = (
-        system_metrics(key.uri, run_id, cfg.train.system_metrics_s) if run_id else contextlib.nullcontext()
+        system_metrics(
+            key.uri,
+            lambda: records.resolved(key, timeout=24 * 3600),
+            cfg.train.system_metrics_s,
+            finish_within=5.0,
+        )
+        if key is not None
+        else contextlib.nullcontext()
     )
     try:
         with monitor:  # ASHA's SystemExit inside a report passes through it too: the monitor stops
