@@ -89,6 +89,10 @@ def test_worker_environment_points_at_shared_storage_and_head_tracking_server(cf
     assert seen["MLFLOW_TRACKING_URI"] == "http://10.0.3.7:5000"
     assert seen["AMDIM_STORAGE"] == "/mnt/shared/amdim"
     assert seen["RAY_AUTH_MODE"] == "token"  # token auth stays on for the cluster
+    assert (seen["RAY_JOB_STOP_SIGNAL"], seen["RAY_JOB_STOP_WAIT_TIME_S"]) == (
+        "SIGINT",
+        "60",
+    )  # `ray job stop` = Ctrl-C
     assert seen["PATH"].startswith(f"{home}/amdim/.venv/bin:")
     assert (home / ".bashrc").read_text().count(". ~/.amdim-env") == 1
     # the shared path is mounted before setup runs
@@ -268,3 +272,28 @@ def test_tracking_server_refuses_object_storage_without_a_database_uri(tmp_path)
     assert not (tmp_path / "ts.pid").exists()
     stop = _script("stop", "--pid-file", str(tmp_path / "ts.pid"), env=env, timeout=30)
     assert stop.returncode == 0 and "not running" in stop.stdout
+
+
+def test_every_shipped_gpu_spec_fills_the_gpu_node_type_with_nothing_left_idle(cfg):
+    """The GPU node type's CPUs and GPU run out together under every shipped spec's trials, and a
+    study sees every node the autoscaler may add (the cluster starts with no GPU node)."""
+    from amdim.harness.raycluster import autoscaling_node_types, fits
+    from amdim.harness.study import concurrency
+    from amdim.harness.study_spec import load_spec
+
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0
+    types = autoscaling_node_types(CLUSTER_YAML)  # as a study on the head reads ~/ray_bootstrap_config.yaml
+    assert {t.name: t.count for t in types} == {"head": 1, "gpu_worker": gpu["max_workers"]}
+    specs = [p for p in (ROOT / "studies").glob("*.yaml") if p.stem != "smoke"]
+    assert specs
+    for path in specs:
+        spec = load_spec(path, {"data.spec": "synthetic"})
+        b = spec.budget
+        per_node = fits({"CPU": b.cpus_per_worker, "GPU": b.gpus_per_worker}, gpu["resources"])
+        assert (
+            per_node
+            == gpu["resources"]["GPU"] / b.gpus_per_worker
+            == gpu["resources"]["CPU"] / b.cpus_per_worker
+        ), path
+        assert concurrency(spec, types) == min(b.trials, per_node * gpu["max_workers"]), path

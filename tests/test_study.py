@@ -192,7 +192,17 @@ def test_status_command(smoke, monkeypatch, capsys):
     assert sum(status["stages"]["search"].values()) == len(_optuna(runs, "smoke").trials)
     assert status["best"]["number"] >= 0
     _, text, _ = _amdim_here(runs, monkeypatch, capsys, "study", "status", "smoke")
-    assert "search:" in text and "best: trial" in text
+    assert "search:" in text and "best: trial" in text and "search stage: finished" in text
+    # With the tracking server down, the study's state still shows, from its folder and Optuna.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    capsys.readouterr()
+    assert cli.main(["study", "status", "smoke"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "search stage: finished" in text
+        and "MLflow: MLflow tracking server http://127.0.0.1:9 does not answer" in text
+    )
+    assert "optuna: " in text and "best: trial" in text
 
 
 def test_confirm_stage_and_rerun(smoke, monkeypatch, capsys):

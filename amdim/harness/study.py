@@ -473,7 +473,6 @@ class _RayScope:
 
         local = not joins_a_cluster()
         extra = {"include_dashboard": False} if self.lean and local else {}
-        environ = dict(os.environ)
         beside = _beside_local_ray_start(self.while_starting) if local and self.while_starting else None
         try:
             self.started = init_ray(log_to_driver=False, logging_level="ERROR", **extra)
@@ -481,7 +480,7 @@ class _RayScope:
             if beside is not None:
                 beside.join()
         # The environment every worker of a Ray started here inherits (from its raylet).
-        self.inherited = environ if self.started and local else None
+        self.inherited = dict(os.environ) if self.started and local else None  # as init_ray started it
         return ray
 
     def __exit__(self, *exc):

@@ -1,0 +1,90 @@
+"""The tracking queue: a caller never waits for the tracking server; what the server does not take
+is kept in the spool and sent later, once, onto the right run (the end-to-end outage is
+tests/test_tracking_outage.py, slow)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from amdim.harness.tracking_queue import RunKey, TrackingQueue, replay, spooled
+
+DOWN = "http://127.0.0.1:9"  # nothing listens on the discard port
+
+
+@pytest.fixture
+def no_retries(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+
+def test_writes_to_a_server_that_does_not_answer_are_kept_in_the_spool(tmp_path, no_retries):
+    lines = []
+    records = TrackingQueue(tmp_path / "spool", log=lines.append)
+    key = RunKey(DOWN, experiment="exp", parent="p" * 32, tune_trial_id="t1")
+    records.ensure(key, "search-t1", {"train.seed": 1}, {"stage": "search"})
+    for epoch in (1, 2):
+        records.metrics(key, {"loss": 1.0 / epoch, "nan": float("nan")}, step=epoch)
+    records.terminate(key, "FINISHED", {"state": "complete"})
+    path = records.close(timeout=1.0, who="trial t1")
+    assert path is not None and spooled(tmp_path / "spool") == [path]
+    ops = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [op["kind"] for op in ops] == ["ensure", "metrics", "metrics", "terminate"]
+    assert ops[1]["args"]["metrics"][0][:2] == ["loss", 1.0] and len(ops[1]["args"]["metrics"]) == 1  # no NaN
+    assert len(lines) == 1 and "kept in" in lines[0] and "does not answer" in lines[0]
+    assert replay(tmp_path / "spool") == (0, 1)  # still down: kept for the next time
+
+
+def test_replay_sends_each_spooled_write_once_onto_the_right_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("exp")).info.run_id
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    trial = RunKey(uri, experiment="exp", parent=parent, tune_trial_id="t1")
+    never = RunKey(uri, experiment="exp", parent=parent, tune_trial_id="never-started")
+
+    def op(key, kind, **args):
+        return json.dumps({"key": key.as_dict(), "kind": kind, "args": args}) + "\n"
+
+    # The driver's writes were spooled first, before the trial's own (which create its run).
+    (spool / "1-driver.jsonl").write_text(
+        op(trial, "tags", tags={"checkpoint_path": "/x/checkpoint.pt"})
+        + op(never, "terminate", status="FAILED", tags={"state": "failed"})  # its run was never created
+    )
+    (spool / "2-trial.jsonl").write_text(
+        op(trial, "ensure", name="search-t1", params={"train.seed": "1"}, tags={"stage": "search"})
+        + op(trial, "metrics", metrics=[["loss", 0.5, 1000, 1]])
+        + op(trial, "metrics", metrics=[["loss", 0.5, 1000, 1]])  # sent twice: kept once
+        + op(trial, "terminate", status="FINISHED", tags={"state": "complete"})
+    )
+    assert replay(spool) == (2, 0) and not spooled(spool)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("exp").experiment_id], "tags.tune_trial_id = 't1'"
+    )
+    assert run.info.status == "FINISHED" and run.data.params == {"train.seed": "1"}
+    assert run.data.tags["state"] == "complete" and run.data.tags["tracking"] == "late"
+    assert run.data.tags["checkpoint_path"] == "/x/checkpoint.pt"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.5)]
+    assert replay(spool) == (0, 0)
+
+
+def test_the_queue_sends_in_order_and_finds_its_run_again(tmp_path):
+    """A trial restarted in another process finds its run by its Tune trial id: no duplicate."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("exp")).info.run_id
+    key = RunKey(uri, experiment="exp", parent=parent, tune_trial_id="t9")
+    for attempt in (1, 2):
+        records = TrackingQueue(None)
+        records.ensure(key, "search-t9", {"train.seed": 1}, {"stage": "search"})
+        records.metrics(key, {"restarted_at_epoch": attempt}, step=attempt)
+        assert records.close(timeout=30) is None
+        assert records.resolved(key, timeout=1) is not None
+    runs = client.search_runs(
+        [client.get_experiment_by_name("exp").experiment_id], "tags.tune_trial_id = 't9'"
+    )
+    assert len(runs) == 1
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "restarted_at_epoch")] == [1, 2]
