@@ -272,6 +272,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         summary = study.run_study(spec)
     elif args.study_command == "resume":
         summary = study.run_study(study.load_study_spec(args.name))
+    elif args.study_command == "list":
+        print(study.format_list(study.list_studies()))
+        return 0
     elif args.study_command == "export":
         info = study.export_best(args.name, Path(args.out))
         spread = f" ± {info['std']:.4f}" if info["std"] is not None else ""
@@ -357,7 +360,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amdim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="amdim",
+        description="AMDIM self-supervised learning: train and probe models, run ablation studies on "
+        "Ray (Tune + Optuna + ASHA), record them in MLflow and report them.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train AMDIM, then run the offline linear probe")
@@ -382,7 +389,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print every config key with its value")
     _add_config_args(p)
     p.add_argument("--list", action="store_true", help="list the preset names")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the flat config as JSON")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("probe", help="offline linear probe of a checkpoint's frozen encoder")
@@ -390,9 +397,12 @@ def make_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", help="a checkpoint.pt")
     which.add_argument("--run", metavar="RUN_ID", help="the MLflow run whose final checkpoint to probe")
     p.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a probe.* or data.* config key for the probe (e.g. probe.epochs=50)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("segment", help="write mixture-component maps over test images as a PNG grid")
@@ -402,20 +412,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data spec (default: the checkpoint's)")
     p.add_argument("--n", type=int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the tracking store (127.0.0.1 by default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser(
         "dashboard", help="optuna-dashboard on a study's Optuna database (127.0.0.1 by default)"
     )
     p.add_argument("name", help="the study's name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("study", help="hyperparameter studies: Ray Tune + Optuna + ASHA, tracked in MLflow")
@@ -424,23 +438,27 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("spec", help="study spec YAML (see studies/)")
     q.add_argument("--smoke-test", action="store_true", help="same space, tiny model/data/budget")
     q.add_argument("--data", help="data spec for the base config (overrides the spec's)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key of the base config, for every trial (see `amdim config`)",
+    )  # fmt: skip
     q.add_argument(
         "--spec-set", dest="spec_sets", action="append", default=[], metavar="FIELD=VALUE",
         help="override a spec field: budget.trials=12, scheduler.type=none, name=NAME, base.preset=tiny, ...",
     )  # fmt: skip
     q = ssub.add_parser("export", help="copy the best configuration's checkpoint, config and run id out")
-    q.add_argument("name")
+    q.add_argument("name", help="the study's name")
     q.add_argument("--out", required=True, help="folder for checkpoint.pt, config.json and export.json")
     q = ssub.add_parser("resume", help="continue a study after its driver stopped")
-    q.add_argument("name")
-    q = ssub.add_parser("status", help="trials by state, and the best so far")
-    q.add_argument("name")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("name", help="the study's name")
+    q = ssub.add_parser("status", help="each stage's state, trials by state, and the best so far")
+    q.add_argument("name", help="the study's name")
+    q.add_argument("--json", action="store_true", help="print the status as JSON")
+    ssub.add_parser("list", help="every study in the storage root, with its stages' states")
     q = ssub.add_parser(
         "confirm", help="rerun the K best configurations (or every labelled setting) with S new seeds each"
     )
-    q.add_argument("name")
+    q.add_argument("name", help="the study's name")
     q.add_argument("--top", type=int, default=None, help="configurations (default: the spec's confirm.top)")
     q.add_argument("--seeds", type=int, default=None, help="seeds each (default: the spec's confirm.seeds)")
     q.add_argument(
@@ -450,23 +468,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="tables (csv, md, tex) and plots of a study, or several with --compare")
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument(
+        "names", nargs="+", metavar="NAME", help="the study (or, with --compare, studies) to report"
+    )
     p.add_argument("--format", default="csv,md,tex", help="comma-separated: csv, md, tex")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
     p.add_argument("--compare", action="store_true", help="one table across the named studies")
     p.add_argument(
-        "--metric", default="probe_test_accuracy", choices=["probe_test_accuracy", "probe_val_accuracy"]
-    )
+        "--metric", default="probe_test_accuracy", choices=["probe_test_accuracy", "probe_val_accuracy"],
+        help="the offline probe's accuracy the tables rank and compare on: on the test images "
+        "(default, what a paper reports) or on the probe's validation split of the training images",
+    )  # fmt: skip
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("rerun", help="train a recorded run again from its MLflow record alone")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help="the MLflow run id")
     p.add_argument("--out", help="output folder (default runs/rerun-...)")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, may be fractional")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("bench", help="time the training step (vs an fp32 eager baseline) and the data path")

@@ -1,7 +1,8 @@
 """Report tables from a hand-built ``trials`` frame, and golden files for their exported text.
 
 The golden files live in ``tests/golden/`` and are compared byte for byte. After an intended change
-of layout, rewrite them and review the diff before committing::
+of layout, rewrite them (the run fails on purpose: it compared nothing), review the diff, and run
+the tests again without the variable before committing::
 
     UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_analysis_tables.py
 """
@@ -99,6 +100,8 @@ def check_golden(name: str, text: str) -> None:
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
+        # A rewrite compares nothing: it fails, so that a run with the variable left set cannot pass.
+        pytest.fail(f"rewrote {path}: review `git diff tests/golden`, then run again without UPDATE_GOLDEN")
     assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
     assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden file"
 

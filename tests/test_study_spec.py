@@ -276,17 +276,36 @@ def test_each_path_reserves_what_its_trials_hold():
     assert parse_spec(raw).budget.path == "train"  # auto: several workers need a Train job
 
 
-@pytest.mark.parametrize(("epochs", "grace", "rf"), [(4, 1, 2), (3, 1, 2), (100, 10, 3), (9, 1, 3)])
+@pytest.mark.parametrize(
+    ("epochs", "grace", "rf"),
+    [(4, 1, 2), (3, 1, 2), (100, 10, 3), (9, 1, 3), (2, 1, 2), (244, 1, 3), (1001, 1, 10)],
+)
 def test_asha_never_cuts_a_trial_at_its_last_epoch(epochs, grace, rf):
     """Stock ASHA puts a rung on the last epoch when it is grace * rf**k (4 = 1 * 2**2), stopping
-    trials after training but before their offline probe; the study's ASHA drops such rungs."""
-    from amdim.harness.study_search import EpochASHA
+    trials after training but before their offline probe. The study's ASHA, made of Ray's public
+    parameters alone, has exactly the rungs grace * rf**k below the last epoch (where
+    last_epoch - 1 is itself such a rung too: 243 = 3**5, 1000 = 10**3), and lets a trial reach
+    its last epoch."""
+    from amdim.harness.study.search import asha
 
-    sched = EpochASHA(
+    sched = asha(
         last_epoch=epochs, grace_period=grace, reduction_factor=rf, metric="test_acc_lin", mode="max"
     )
-    rungs = [m for bracket in sched.rungs() for m in bracket]
-    assert rungs and max(rungs) < epochs and min(rungs) == grace
+    (bracket,) = sched._brackets  # read here only, to check the rungs
+    assert sorted(m for m, _ in bracket._rungs) == [
+        grace * rf**k for k in range(40) if grace * rf**k < epochs
+    ]
+    from ray.tune.schedulers import TrialScheduler
+
+    class Trial:
+        trial_id = "t"
+
+    sched.on_trial_add(None, Trial())
+    # A trial that reaches the last epoch is not stopped for it (nor at any rung when it is the best).
+    assert (
+        sched.on_trial_result(None, Trial(), {"epoch": epochs, "test_acc_lin": 1.0})
+        == TrialScheduler.CONTINUE
+    )
 
 
 def test_spec_sets_override_spec_fields_and_nothing_else(tmp_path):
@@ -322,7 +341,8 @@ def test_a_spec_that_is_not_utf8_is_one_line_exit_2(isolated, capsys):
 def test_confirm_settings_reruns_every_labelled_setting_with_new_seeds(isolated):
     import optuna
 
-    from amdim.harness.study import optuna_url, settings_points, study_dir
+    from amdim.harness.study.layout import optuna_url, study_dir
+    from amdim.harness.study.runner import settings_points
 
     spec = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
     study_dir("nce").mkdir(parents=True)

@@ -152,7 +152,7 @@ def train_ray(
     """
     from amdim.dataindex import check_readable
     from amdim.harness import tracking
-    from amdim.harness.raycluster import init_ray, joins_a_cluster, shutdown_ray, this_machine
+    from amdim.harness.raycluster import init_ray, joins_a_cluster, this_machine
     from amdim.harness.tracking_queue import RunKey, replay, spooled
 
     # Everything checkable is checked before anything is written under ``out``.
@@ -283,7 +283,7 @@ def train_ray(
         raise
     finally:
         if started_ray:
-            shutdown_ray()
+            ray.shutdown()
 
 
 def _capacity(ray) -> tuple[list[Any], str]:

@@ -48,11 +48,6 @@ WORKER_ENV = {
     # A reused trial actor waits this long for the previous trial's thread to end (default 2 s;
     # a thread still alive then fails the next trial). ASHA's stop ends it at once, inside its report.
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # default 2 s: shortens every run's tail
-    # Tune sets this (Lightning's fork guard) in every trial actor's runtime env; set before Ray
-    # starts, the actors inherit it, and a study leaves that runtime env out (study.py,
-    # _trial_actors_inherit_env) so that Ray can run them in the workers it prestarted.
-    "PL_DISABLE_FORK": "1",
 }
 # Only for a Ray this process starts on this machine.
 LOCAL_RAY_ENV = {
@@ -134,30 +129,6 @@ def init_ray(**kwargs: Any) -> bool:
         os.environ.setdefault(key, value)
     ray.init(**kwargs)
     return True
-
-
-def shutdown_ray() -> None:
-    """``ray.shutdown()`` of a Ray this process started, without the second it loses on the autoscaler
-    monitor: Ray stops the monitor after the GCS, and the monitor's SIGTERM handler then tries to
-    report its end to the stopped GCS until Ray kills it a second later (measured in
-    docs/benchmarks.md). A Ray that ``ray.init`` started here has no autoscaling config, so its
-    monitor holds nothing to save and is killed first. Any Ray without these internals: the plain
-    shutdown."""
-    import ray
-
-    try:
-        from ray._private import ray_constants
-        from ray._private import worker as ray_worker
-
-        node = ray_worker._global_node
-        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []
-        for info in monitors:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    except Exception:  # a shortcut only: ray.shutdown below does the work
-        pass
-    ray.shutdown()
 
 
 # --- capacity -----------------------------------------------------------------------------------

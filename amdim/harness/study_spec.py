@@ -13,7 +13,7 @@ flat config keys, the objective, the budget, the scheduler, the sampler and the 
     objective: {online: val_acc_lin, rank: probe_val_accuracy}   # val_: needs data.online_val_fraction
     budget: {trials: 24, epochs: 100, max_concurrent: 8, workers: 1, cpus_per_worker: 4, gpus_per_worker: 0.5}
     scheduler: {type: asha, grace_period: 10, reduction_factor: 3}
-    sampler: {type: tpe, seed: 0}
+    sampler: {type: tpe, seed: 0, n_startup_trials: 10}
     confirm: {top: 3, seeds: 3}
 
 Everything is checked before Ray starts: every mistake is a :class:`SpecError` whose one line
@@ -131,6 +131,9 @@ class Scheduler:
 class Sampler:
     type: str = "tpe"
     seed: int = 0
+    # TPE samples at random for its first n trials (Optuna's default 10), then models the results;
+    # in a small study 10 is most of the budget. The labelled points count among them.
+    n_startup_trials: int = 10
 
 
 @dataclass(frozen=True)
@@ -445,10 +448,14 @@ def parse_spec(raw: Any, *, overrides: dict[str, Any] | None = None, origin: str
         _fail("search", "names the same config key twice")
 
     sampler_raw = _mapping(raw.get("sampler"), "sampler")
-    _only(sampler_raw, ("type", "seed"), "sampler")
+    _only(sampler_raw, ("type", "seed", "n_startup_trials"), "sampler")
     sampler = Sampler(
-        _str(sampler_raw, "type", "sampler", "tpe", SAMPLERS), _int(sampler_raw, "seed", "sampler", 0, 0)
+        _str(sampler_raw, "type", "sampler", "tpe", SAMPLERS),
+        _int(sampler_raw, "seed", "sampler", 0, 0),
+        _int(sampler_raw, "n_startup_trials", "sampler", 10, 0),
     )
+    if "n_startup_trials" in sampler_raw and sampler.type != "tpe":
+        _fail("sampler.n_startup_trials", f"is TPE's; sampler {sampler.type} has no startup trials")
     if sampler.type == "grid":
         for p in params:
             if p.type == "float":

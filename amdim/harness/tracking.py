@@ -18,8 +18,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -134,98 +132,10 @@ def run_tags(flat: dict[str, Any], device: str, extra: dict[str, str] | None = N
     return tags
 
 
-def warm_store(uri: str) -> None:
-    """What a process's first MLflow call to ``uri`` does anyway, ahead of it: import MLflow and,
-    for a local SQLite store, its SQLAlchemy store and this machine's :func:`store_template`
-    (made once per machine); read the git commit and package versions that every run's tags
-    carry. A study runs this in a thread while ``ray.init`` waits for Ray's processes
-    (``study._RayScope``). It touches no store of the user's and never raises: it is only a head
-    start, and whatever fails here is done again, and reported, where MLflow is first used.
-    (Opening the store is left to that use: it takes some 0.1 s, and MLflow retries a store it
-    cannot open for minutes.)
-    """
-    try:
-        import mlflow  # noqa: F401
-
-        if sqlite_path(uri) is not None:
-            store_template()
-        git_commit()
-        package_versions()
-    except Exception:  # a head start only, see above
-        pass
-
-
 def _client(uri: str):
     import mlflow
 
-    seed_store(uri)  # a client opens (and so makes) its store
     return mlflow.MlflowClient(tracking_uri=uri)
-
-
-def cache_dir() -> Path:
-    """``$AMDIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/amdim``, else ``~/.cache/amdim``."""
-    if os.environ.get("AMDIM_CACHE_DIR"):
-        return Path(os.environ["AMDIM_CACHE_DIR"]).resolve()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve() / "amdim"
-
-
-def _template_ok(path: Path) -> bool:
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
-            revisions = con.execute("SELECT version_num FROM alembic_version").fetchall()
-            experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
-        return len(revisions) == 1 and experiments == 0
-    except sqlite3.Error:
-        return False
-
-
-def store_template() -> Path:
-    """An empty MLflow SQLite store of the installed MLflow's schema, made once per machine and
-    MLflow version in :func:`cache_dir`: MLflow makes it (its tables, then every schema
-    migration: about 2 s on 2 cores), and its default experiment is removed again, because MLflow
-    names that one's artifact folder after the store that creates it."""
-    import mlflow
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    path = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
-    if path.is_file() and _template_ok(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".template-") as d:
-        db = Path(d) / "store.db"
-        SqlAlchemyStore(f"sqlite:///{db}", (Path(d) / "artifacts").as_uri()).engine.dispose()
-        with contextlib.closing(sqlite3.connect(db)) as con:
-            con.execute("DELETE FROM experiments WHERE experiment_id = 0")
-            con.commit()
-        if not _template_ok(db):
-            raise sqlite3.DatabaseError(f"MLflow {mlflow.__version__} made a store of another layout")
-        os.replace(db, path)  # whole or not at all: a concurrent maker's copy is as good
-    return path
-
-
-def seed_store(uri: str) -> bool:
-    """Give a local SQLite store that does not exist yet its tables by copying
-    :func:`store_template`, instead of MLflow migrating a new database from its first schema on
-    first use. The copy is the state MLflow's migrations leave, without the default experiment,
-    which MLflow adds (with this store's artifact folder) when it first opens the store. Returns
-    whether it copied; on any failure (no cache folder, a read-only one) MLflow makes the store
-    itself, as it would without this."""
-    path = sqlite_path(uri)
-    if path is None or path.exists():
-        return False
-    try:
-        template = store_template()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
-        try:
-            shutil.copyfile(template, tmp)
-            os.link(tmp, path)  # never over a store another process made meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        return True
-    except (OSError, sqlite3.Error):
-        return False
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -265,30 +175,12 @@ def system_metrics(
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    class FinalSample(SystemMetricsMonitor):
-        """MLflow's monitor publishes a sample only at the end of each full interval; this one also
-        publishes the last, partial interval when it stops, so a run shorter than ``every_s``
-        still records how busy the machine was."""
-
-        def finish(self):
-            if self._process is None:
-                return
-            self._shutdown_event.set()
-            self._process.join()
-            try:
-                self.collect_metrics()
-                self.publish_metrics(self.aggregate_metrics())
-                self.mlflow_logger.flush()
-            except Exception:  # a run deleted meanwhile: the record is secondary to training
-                pass
-            self._process = None
-
     lock, state = threading.Lock(), {"monitor": None, "ended": False}
 
     def start(rid: str | None) -> None:
         with lock:
             if rid and not state["ended"]:
-                state["monitor"] = FinalSample(
+                state["monitor"] = SystemMetricsMonitor(
                     rid, sampling_interval=every_s, resume_logging=True, tracking_uri=uri
                 )
                 state["monitor"].start()
@@ -305,9 +197,24 @@ def system_metrics(
             state["ended"] = True
             monitor = state["monitor"]
         if monitor is not None:
-            ender = threading.Thread(target=monitor.finish, name="amdim-system-metrics-end", daemon=True)
+            ender = threading.Thread(
+                target=_finish, args=(monitor,), name="amdim-system-metrics-end", daemon=True
+            )
             ender.start()
             ender.join(finish_within)
+
+
+def _finish(monitor) -> None:
+    """Stop MLflow's monitor, then publish one last sample of the partial interval since its last
+    one (the monitor publishes only at the end of each full interval, so that a run shorter than
+    the interval would record nothing), through the monitor's public methods."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception:  # a run deleted meanwhile, a server that does not answer: secondary to training
+        pass
 
 
 def run_checkpoint(run_id: str) -> Path:
@@ -407,7 +314,6 @@ class RunRecord:
         return int(tags["diverged_at_epoch"]), int(tags["diverged_at_step"])
 
     def log_dict(self, obj: Any, name: str) -> None:
-        import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / name
