@@ -57,7 +57,11 @@ def test_worker_threads_round_the_cpu_reservation(cpus, threads):
     assert worker_threads(cpus) == (threads or max(1, torch.get_num_threads()))
 
 
-@pytest.mark.parametrize("spec", ["synthetic", f"npz:{SUBSET}"], ids=["synthetic", "cifar10-subset"])
+@pytest.mark.parametrize(
+    "spec",
+    ["synthetic", pytest.param(f"npz:{SUBSET}", marks=pytest.mark.slow)],
+    ids=["synthetic", "cifar10-subset"],
+)
 def test_two_worker_run_survives_a_killed_worker_and_is_fully_recorded(store, monkeypatch, spec):
     """Also: the driver (this process) never queries CUDA, as on a CPU-only head (any query
     raises here), and the final evaluation runs on rank 0's worker, as its run records."""
