@@ -4,6 +4,7 @@ One job per module; the rest of the project imports from here:
 
 * :mod:`.layout`: where a study lives (its folder, spec and state files, Optuna storage);
 * :mod:`.resources`: what a trial holds and how many the cluster holds (pure arithmetic);
+* :mod:`.context`: what every trial of a stage needs from the driver;
 * :mod:`.records`: the states a trial ends in, the MLflow parent and child runs;
 * :mod:`.trial`: the trial function and its two ways of training (Tune path, Train path);
 * :mod:`.search`: the Optuna searcher, ASHA, the driver's progress callback;
@@ -11,6 +12,7 @@ One job per module; the rest of the project imports from here:
 * :mod:`.results`: status, the best configuration and its export, recorded configs.
 """
 
+from amdim.harness.study.context import TrialContext
 from amdim.harness.study.layout import (
     load_study_spec,
     optuna_storage,
@@ -38,7 +40,7 @@ from amdim.harness.study.results import (
     study_status,
 )
 from amdim.harness.study.runner import RayScope, run_confirm, run_study
-from amdim.harness.study.trial import TrialContext, run_trial
+from amdim.harness.study.trial import run_trial
 
 __all__ = [
     "DRIVER_CPU",

@@ -10,16 +10,14 @@ follows the search, and never holds it up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from amdim.config import to_flat
 from amdim.harness import tracking
 from amdim.harness.study import layout
+from amdim.harness.study.context import TrialContext
 from amdim.harness.study_spec import StudySpec, config_id
 from amdim.harness.tracking_queue import RunKey
-
-if TYPE_CHECKING:
-    from amdim.harness.study.trial import TrialContext
 
 STATE_COMPLETE, STATE_EARLY, STATE_FAILED, STATE_RUNNING = "complete", "early_stopped", "failed", "running"
 STATE_DIVERGED = "diverged"  # the loss stopped being finite: MLflow FAILED, Optuna FAIL

@@ -18,9 +18,10 @@ from amdim.config import to_flat
 from amdim.errors import UserError
 from amdim.harness import tracking
 from amdim.harness.study import layout
+from amdim.harness.study.context import TrialContext
 from amdim.harness.study.records import STATE_INTERRUPTED, parent_run, trial_key
 from amdim.harness.study.resources import actor_resources, concurrency
-from amdim.harness.study.trial import TrialContext, run_trial
+from amdim.harness.study.trial import run_trial
 from amdim.harness.study_spec import StudySpec
 from amdim.harness.tracking_queue import SPOOL, RunKey
 

@@ -16,12 +16,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
+from amdim.harness.study.context import TrialContext
 from amdim.harness.study.records import (
     STATE_COMPLETE,
     STATE_DIVERGED,
@@ -30,9 +31,6 @@ from amdim.harness.study.records import (
     trial_key,
 )
 from amdim.harness.tracking_queue import SPOOL, process_queue
-
-if TYPE_CHECKING:
-    from amdim.harness.study.trial import TrialContext
 
 
 class StudySearcher(Searcher):

@@ -16,12 +16,12 @@ ends with the offline linear probe, which ranks it for Optuna.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amdim.config import from_flat, to_flat
 from amdim.errors import ConfigError
+from amdim.harness.study.context import TrialContext
 from amdim.harness.study.records import (
     STATE_COMPLETE,
     STATE_DIVERGED,
@@ -30,43 +30,7 @@ from amdim.harness.study.records import (
     trial_key,
     trial_run,
 )
-from amdim.harness.study_spec import Budget
 from amdim.harness.tracking_queue import SPOOL
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial of one stage needs from the driver (Tune ships it to the trial actors)."""
-
-    study: str
-    stage: str  # search | confirm
-    tracking_uri: str
-    parent_run_id: str
-    base_flat: dict[str, Any]  # the spec's base configuration, flat
-    keys: tuple[str, ...]  # the searched config keys
-    points: tuple[dict[str, Any], ...]  # the labelled settings
-    labels: tuple[str, ...]
-    budget: Budget
-    study_dir: str
-    confirm_points: tuple[dict[str, Any], ...] = ()  # the confirm stage's (config, seed) list
-
-    @property
-    def experiment(self) -> str:
-        return self.study  # one MLflow experiment per study
-
-    @property
-    def launcher(self) -> str:
-        return self.budget.path
-
-    @property
-    def train_dir(self) -> str:
-        return str(Path(self.study_dir) / "train")
-
-    def label(self, sampled: dict[str, Any]) -> str:
-        """The labelled setting ``sampled`` is, or ''."""
-        return next(
-            (label for point, label in zip(self.points, self.labels, strict=True) if point == sampled), ""
-        )
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
