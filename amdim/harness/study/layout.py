@@ -46,23 +46,28 @@ def optuna_url(name: str) -> str:
     return f"sqlite:///{study_dir(name) / 'optuna.db'}"
 
 
-def optuna_storage(name: str):
-    """The study's Optuna RDB storage. Opening it creates the database's tables when they are
+def open_rdb(url: str):
+    """An Optuna RDB storage at ``url``. Opening one creates the database's tables when they are
     missing, so two processes opening a new database at once (the driver starting the study and
     ``amdim study status``, optuna-dashboard or a test reading it) can race to create them; the
-    loser gets an OperationalError ("table ... already exists") or an IntegrityError (the same
-    version row twice) and simply opens it again."""
+    loser gets an OperationalError ("table ... already exists", "database is locked") or an
+    IntegrityError (the same schema-version row twice) and simply opens it again."""
     import optuna
     import sqlalchemy.exc
 
     for attempt in range(10):
         try:
-            return optuna.storages.RDBStorage(optuna_url(name))
+            return optuna.storages.RDBStorage(url)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             if attempt == 9:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def optuna_storage(name: str):
+    """The study's Optuna RDB storage (see ``open_rdb``)."""
+    return open_rdb(optuna_url(name))
 
 
 def optuna_study(name: str):

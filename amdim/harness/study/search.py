@@ -102,8 +102,10 @@ class StudySearcher(Searcher):
         if self._study is None:
             import optuna
 
+            from amdim.harness.study.layout import open_rdb
+
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            storage = optuna.storages.RDBStorage(self.storage_url)
+            storage = open_rdb(self.storage_url)  # a reader may be creating the tables too
             self._study = optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
                 direction="maximize", load_if_exists=True,
