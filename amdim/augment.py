@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from amdim import speed
 from amdim.config import AugConfig
 
 OPS = ("brightness", "contrast", "saturation", "hue")
@@ -71,11 +72,30 @@ def _tv() -> tuple[Any, Any, Any]:
     return transforms, functional, InterpolationMode.BICUBIC
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device, torch.dtype], Tensor] = {}
+
+
+def constant(
+    values: Sequence[float], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A small 1-D tensor of ``values`` on ``device``, made once per (values, device, dtype).
+
+    Building a tensor from Python values on a GPU is a blocking host-to-device copy: the CPU
+    waits for the GPU to drain before it queues the next kernel. The augmentation's constants
+    (normalisation, jitter ranges, the HSV sectors) are therefore made once and reused, so that a
+    training step queues its kernels without waiting (tests/test_host_syncs.py)."""
+    key = (tuple(float(v) for v in values), torch.device(device), dtype)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        found = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype, device=key[1])
+    return found
+
+
 def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(x - mean) / std`` per channel of (..., 3, H, W), as torchvision's ``normalize``
     computes it (same dtype and device, subtract then divide)."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    m = constant(mean, x.device, x.dtype).view(-1, 1, 1)
+    s = constant(std, x.device, x.dtype).view(-1, 1, 1)
     return x.sub(m).div_(s)
 
 
@@ -335,7 +355,7 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
 def hsv_to_rgb(x: Tensor) -> Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
     hue, sat, value = (t[:, None] for t in x.unbind(1))
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype)[None, :, None, None]
+    n = constant((5.0, 3.0, 1.0), x.device, x.dtype)[None, :, None, None]
     k = torch.remainder(n + 6.0 * hue, 6.0)
     return value - value * sat * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
@@ -354,9 +374,10 @@ def _apply_where(x: Tensor, sel: Tensor, op: Any, factor: Tensor) -> Tensor:
     """``op(x, factor)`` on the selected samples, ``x`` elsewhere.
 
     On CPU the op runs on the selected samples alone (each sample then pays for one op per jitter
-    position rather than four); on an accelerator it runs on all and selects, avoiding a host sync.
+    position rather than four); on an accelerator it runs on all and selects, avoiding a host sync
+    (picking the samples needs their count on the host).
     """
-    if x.device.type == "cpu":
+    if speed.host_syncs_are_free(x.device):
         idx = sel.nonzero()[:, 0]
         return x.index_copy(0, idx, op(x[idx], factor[idx])) if idx.numel() else x
     return torch.where(sel[:, None, None, None], op(x, factor), x)
@@ -403,15 +424,17 @@ class BatchedTwoViews(_TwoViews):
         if cfg.crop:
             crop = self._sample_crops(batch, height, width, dev, gen)
         else:
-            crop = torch.tensor([0, 0, height, width], device=dev).expand(batch, 4).clone()
+            crop = torch.zeros(batch, 4, dtype=torch.long, device=dev)  # the whole image
+            crop[:, 2].fill_(height)
+            crop[:, 3].fill_(width)
             applied = self._rand(gen, dev, batch) < cfg.translate_p
             t = cfg.translate_px
             shift = torch.randint(-t, t + 1, (batch, 2), generator=gen, device=dev)
             translate = shift * applied[:, None]
         jitter = self._rand(gen, dev, batch) < cfg.jitter_p
         order = self._rand(gen, dev, batch, 4).argsort(1)  # a uniform random permutation per row
-        lo = torch.tensor([r[0] for r in self.jitter_ranges], device=dev)
-        hi = torch.tensor([r[1] for r in self.jitter_ranges], device=dev)
+        lo = constant([r[0] for r in self.jitter_ranges], dev)
+        hi = constant([r[1] for r in self.jitter_ranges], dev)
         factors = lo + (hi - lo) * self._rand(gen, dev, batch, 4)
         gray = self._rand(gen, dev, batch) < cfg.gray_p
         return {
@@ -535,6 +558,7 @@ __all__ = [
     "BatchedTwoViews",
     "TorchvisionTwoViews",
     "build_two_views",
+    "constant",
     "hsv_to_rgb",
     "param_at",
     "rgb_to_hsv",

@@ -1,25 +1,35 @@
-"""Throughput of the training step and of the data pipeline (``amdim bench``).
+"""Throughput of the training loop, of the training step and of the data pipeline (``amdim bench``).
 
-:func:`run_bench` measures, in one process and on one fixed batch:
+:func:`run_bench` measures, in one process:
 
-* the training step exactly as :func:`amdim.trainer.train_one_epoch` runs it with the config's
-  speed options (``train.amp``, ``train.channels_last``, ``train.compile``, ``optim.fused``):
-  forward of both views + multiscale NCE + online probes, backward, Adam step, scheduler step. The
-  inputs are augmented on the device beforehand, so only the step is timed;
-* the same step as a plain fp32 eager baseline (no autocast, no channels_last, no compile,
-  non-fused Adam) from the same initial weights on the same inputs;
-* the data pipeline alone: the batched on-device augmentation (uint8 batch -> both views) and the
-  per-image torchvision path through :func:`amdim.data.train_loader` (seeding, sampling and
-  applying per image, collation; ``data.num_workers`` workers).
+* **the training loop as ``amdim train`` runs it** (``loop_images_per_s``): ``steps`` consecutive
+  steps of :func:`amdim.trainer.train_one_epoch`, fed uint8 batches by
+  :func:`amdim.data.train_loader` through :class:`amdim.data.DevicePrefetcher`, each batch's two
+  views made on the device by the batched augmentation inside the step, with the config's speed
+  options. The device is synchronised only at the two ends of the timed window (after ``warmup``
+  untimed steps of the same loop), so the figure includes the augmentation, the prefetcher and
+  whatever host syncs the loop makes, exactly as training pays for them;
+* **the model step alone** (``step_images_per_s``): forward of both views + multiscale NCE + online
+  probes, backward, Adam step, scheduler step, on one fixed batch of views made beforehand, each
+  timed step between device syncs; and the same step as a plain fp32 eager baseline (no autocast,
+  no channels_last, no compile, non-fused Adam, full-fp32 matmuls) from the same initial weights
+  on the same inputs, timed alternately with it so that load from other processes affects both
+  alike (``speedup``). ``analysis.bench_official`` compares this step with the official code's;
+* **the data path alone** (``data_images_per_s``, unless ``data=False``): loader, prefetcher and
+  the batched augmentation (uint8 batch -> both views on the device) with no model, over
+  ``steps`` batches synchronised at the ends. In ``amdim train`` the augmentation runs on the
+  step's own stream, so it adds to the step rather than overlapping it: ``loop_images_per_s`` is
+  about ``1 / (1 / step + 1 / data)``, and ``data_share_of_loop`` is the data path's share of the
+  loop's time when both run back to back. The per-image torchvision path
+  (``data_torchvision_images_per_s``: per-image seeding, sampling, transforms and collation in
+  ``data.num_workers`` workers) is timed too.
 
-Timing: ``warmup`` untimed steps first (compilation, allocator and oneDNN warm-up), then ``steps``
-timed ones, each between ``torch.cuda.synchronize()`` calls on CUDA. The optimised and the
-baseline steps are timed alternately, so that load from other processes on a shared machine
-affects both alike. Every rate is ``batch / median`` of the per-iteration wall times (the median is
-robust to the odd descheduled step); the per-step times are in the output too.
+Rates: the loop and the data path are ``images / wall time`` of their timed windows; the step
+rates are ``batch / median`` of the per-iteration wall times (robust to the odd descheduled step);
+the per-step times are in the output too.
 
-``loss_first_step`` and ``baseline_loss_first_step`` are the two runs' first losses, from the same
-weights, inputs and seed: equal to float tolerance without ``train.compile``, and to the bf16
+``loss_first_step`` and ``baseline_loss_first_step`` are the two step runs' first losses, from the
+same weights, inputs and seed: equal to float tolerance without ``train.compile``, and to the bf16
 tolerance with ``train.amp=bf16``; with ``train.compile`` inductor draws dropout and the 5t5
 locations from its own RNG, so they then agree only statistically (see
 tests/test_speed_options.py for the same-RNG check).
@@ -27,9 +37,9 @@ tests/test_speed_options.py for the same-RNG check).
 FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` over one full
 eager fp32 training step (forward of both views with NCE and probes, then backward). It counts
 matmuls and convolutions only (elementwise ops and the Adam update are not counted), as is usual
-for MFU figures. ``fraction_of_bf16_peak`` divides the achieved TFLOP/s by the GPU's datasheet
-dense bf16 peak (:data:`BF16_PEAK_TFLOPS`, or ``--peak-tflops``); ``data_to_step_ratio`` is the
-batched data path's rate over the optimised step's (the data pipeline keeps up when it is > 1).
+for MFU figures. ``fraction_of_bf16_peak`` (the step) and ``loop_fraction_of_bf16_peak`` (the
+loop) divide the achieved TFLOP/s by the GPU's datasheet dense bf16 peak
+(:data:`BF16_PEAK_TFLOPS`, or ``--peak-tflops``).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from amdim import data as data_mod
 from amdim import speed, trainer
-from amdim.augment import BatchedTwoViews
+from amdim.augment import BatchedTwoViews, build_two_views
 from amdim.config import Config, from_flat, to_flat, with_overrides
 from amdim.errors import UserError
 from amdim.model import AMDIM
@@ -61,10 +71,11 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 def baseline_config(cfg: Config) -> Config:
-    """``cfg`` with every speed option off: fp32, no channels_last, eager, non-fused Adam."""
+    """``cfg`` with every speed option off: fp32 (full-fp32 matmuls), no channels_last, eager,
+    non-fused Adam."""
     return replace(
         cfg,
-        train=replace(cfg.train, amp="off", channels_last="false", compile=False),
+        train=replace(cfg.train, amp="off", matmul_precision="fp32", channels_last="false", compile=False),
         optim=replace(cfg.optim, fused="false"),
     )
 
@@ -115,13 +126,12 @@ class _Stepper:
     """A model, optimiser and schedule built as :func:`amdim.trainer.fit` builds them; one call
     runs one training step through :func:`amdim.trainer.train_one_epoch`."""
 
-    def __init__(self, cfg: Config, n_classes: int, device: torch.device, batch: Batch, n_steps: int):
+    def __init__(self, cfg: Config, n_classes: int, device: torch.device, batch: Batch | None, n_steps: int):
         self.cfg, self.device, self.batch = cfg, device, batch
         torch.manual_seed(trainer.epoch_seed(cfg.train.seed, -1, 0))  # the same weights for both runs
         core = AMDIM(cfg.model, cfg.loss, n_classes).to(device)
         self.options = speed.resolve(cfg.train, cfg.optim, device)
-        if self.options.channels_last:
-            core = core.to(memory_format=torch.channels_last)
+        core = speed.prepare(core, self.options, device)
         optimizer = trainer.build_optimizer(core, cfg, device)
         scheduler = trainer.build_scheduler(optimizer, cfg, n_steps)
         model = torch.compile(core, backend=cfg.train.compile_backend) if cfg.train.compile else core
@@ -134,6 +144,7 @@ class _Stepper:
         return bool(self.state.optimizer.defaults.get("fused"))
 
     def __call__(self) -> None:
+        speed.set_backends(self.options, self.device)  # the baseline's steps alternate with these
         # A (view1, view2, labels) batch is the trainer's per-image flavour: already augmented,
         # moved to the device (a no-op here) and made channels_last inside the step when asked.
         metrics = trainer.train_one_epoch(
@@ -159,22 +170,67 @@ def count_flops(cfg: Config, n_classes: int, batch: Batch) -> tuple[int, int]:
     return step, counter.get_total_flops()
 
 
-def _data_batched(
-    cfg: Config, bundle: data_mod.DataBundle, images: Tensor, device: torch.device, steps: int, warmup: int
-) -> list[float]:
-    """Per-batch wall times of uint8 CPU batch -> device -> both views (the trainer's batched path)."""
-    views = BatchedTwoViews(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
-    gen = data_mod.augment_generator(cfg.train.seed, 0, 0, device)
+def _loader_batches(cfg: Config, bundle: data_mod.DataBundle, dev: torch.device):
+    """Training batches as ``amdim train`` gets them from its loader, epoch after epoch (so that a
+    training set shorter than the timed steps is cycled)."""
+    epoch = 0
+    while True:
+        yield from data_mod.train_loader(
+            bundle, cfg.data, cfg.aug, cfg.model.image_size,
+            seed=cfg.train.seed, epoch=epoch, pin_memory=dev.type == "cuda",
+        )  # fmt: skip
+        epoch += 1
 
-    if device.type == "cuda":
-        images = images.pin_memory()  # as the trainer's loader delivers it on CUDA
 
-    def one() -> None:
-        views(images.to(device, non_blocking=True), generator=gen)
+def _two_views(cfg: Config, bundle: data_mod.DataBundle):
+    views = build_two_views(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
+    return views if cfg.aug.impl == "batched" else None
 
-    for _ in range(warmup):
-        one()
-    return [_timed(one, device) for _ in range(steps)]
+
+def _train_loop(
+    cfg: Config, bundle: data_mod.DataBundle, dev: torch.device, steps: int, warmup: int
+) -> float:
+    """Wall seconds of ``steps`` consecutive training steps of ``amdim train``'s loop, after
+    ``warmup`` untimed ones: loader -> prefetcher -> views on the device -> step, the device
+    synchronised only where the window opens and closes."""
+    n_steps = warmup + steps
+    cfg = with_overrides(cfg, {"train.max_steps_per_epoch": n_steps})
+    stepper = _Stepper(cfg, bundle.n_classes, dev, None, n_steps)
+    marks: dict[int, float] = {}
+
+    def on_step(state: trainer.TrainState, i: int) -> None:
+        if i in (warmup - 1, n_steps - 1):
+            _sync(dev)
+            marks[i] = time.perf_counter()
+
+    batches = data_mod.DevicePrefetcher(_loader_batches(cfg, bundle, dev), dev)
+    trainer.train_one_epoch(
+        stepper.state,
+        iter(batches),
+        _two_views(cfg, bundle),
+        cfg,
+        dev,
+        stepper.dist,
+        log=None,
+        on_step=on_step,
+    )
+    return marks[n_steps - 1] - marks[warmup - 1]
+
+
+def _data_path(cfg: Config, bundle: data_mod.DataBundle, dev: torch.device, steps: int, warmup: int) -> float:
+    """Wall seconds of ``steps`` batches through the loop's data path with no model: loader ->
+    prefetcher -> both views on the device, synchronised at the ends of the window."""
+    two_views = _two_views(cfg, bundle)
+    gen = data_mod.augment_generator(cfg.train.seed, 0, 0, dev)
+    it = iter(data_mod.DevicePrefetcher(_loader_batches(cfg, bundle, dev), dev))
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(dev)
+            t0 = time.perf_counter()
+        trainer.views_on_device(next(it), two_views, dev, gen)
+    _sync(dev)
+    return time.perf_counter() - t0
 
 
 def _data_torchvision(
@@ -304,8 +360,6 @@ def run_bench(
         raise UserError(f"--peak-tflops must be > 0, got {peak_tflops}")
     cfg = with_overrides(cfg, {"data.batch_size": batch_size, "train.device": dev.type})
     bundle = data_mod.load_data(cfg.data.spec, cfg.model.image_size)
-    images, _ = _take_batch(bundle, batch_size)
-
     # One fixed batch of views, made on the device by the batched path, shared by both steps.
     batch = _fixed_views(cfg, bundle, batch_size, dev)
 
@@ -329,15 +383,19 @@ def run_bench(
 
     step_rate = _median_rate(fast_times, batch_size)
     base_rate = _median_rate(base_times, batch_size)
+    loop_rate = steps * batch_size / _train_loop(cfg, bundle, dev, steps, warmup)
     flops_per_image = step_flops / batch_size
     result: dict[str, Any] = {
+        "loop_images_per_s": loop_rate,
         "step_images_per_s": step_rate,
         "baseline_images_per_s": base_rate,
         "speedup": step_rate / base_rate,
+        "loop_to_step_ratio": loop_rate / step_rate,
         "step_times_ms": [1e3 * t for t in fast_times],
         "baseline_times_ms": [1e3 * t for t in base_times],
         "flops_per_image": flops_per_image,
         "forward_flops_per_image_per_view": view_flops / batch_size,
+        "loop_tflops": flops_per_image * loop_rate / 1e12,
         "tflops": flops_per_image * step_rate / 1e12,
         "baseline_tflops": flops_per_image * base_rate / 1e12,
         "peak_memory_mb": peak_mb,
@@ -349,12 +407,12 @@ def run_bench(
         "cpu": speed.cpu_description() if dev.type == "cpu" else None,
     }
     if data:
-        data_times = _data_batched(cfg, bundle, images, dev, steps, warmup)
+        data_rate = steps * batch_size / _data_path(cfg, bundle, dev, steps, warmup)
         tv_times = _data_torchvision(cfg, bundle, dev, steps, warmup)
-        result["data_images_per_s"] = _median_rate(data_times, batch_size)
+        result["data_images_per_s"] = data_rate
         result["data_torchvision_images_per_s"] = _median_rate(tv_times, batch_size)
         result["data_num_workers"] = cfg.data.num_workers
-        result["data_to_step_ratio"] = result["data_images_per_s"] / step_rate
+        result["data_share_of_loop"] = (1 / data_rate) / (1 / data_rate + 1 / step_rate)
     name = _device_name(dev)
     peak = peak_tflops or (bf16_peak_tflops(name) if dev.type == "cuda" else None)
     result["peak_tflops_bf16"] = peak
@@ -366,6 +424,7 @@ def run_bench(
         else None
     )
     result["fraction_of_bf16_peak"] = result["tflops"] / peak if peak else None
+    result["loop_fraction_of_bf16_peak"] = result["loop_tflops"] / peak if peak else None
     m = cfg.model
     result.update(
         {
@@ -382,7 +441,10 @@ def run_bench(
             "batch": batch_size,
             "steps": steps,
             "warmup": warmup,
-            "timing": "images/s = batch / median per-iteration wall time over the timed steps",
+            "timing": (
+                "loop and data: images / wall time of the timed window (synced at its ends); "
+                "step and baseline: batch / median per-iteration wall time over the timed steps"
+            ),
             "config": to_flat(cfg),
             "git_sha": _git_sha(),
             "started_at": started,

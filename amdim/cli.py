@@ -248,9 +248,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
     )
     options = result["options"]
-    for key in ("amp", "channels_last", "fused", "compile"):  # for people; the JSON has the same
-        value = options["fused_adam"] if key == "fused" else options[key]
-        print(f"amdim bench: {key} = {value}: {options['why'][key]}", file=sys.stderr)
+    names = {"fused": "fused_adam", "matmul": "matmul_precision"}
+    for key in ("amp", "matmul", "channels_last", "fused", "compile"):  # for people; the JSON has it too
+        print(f"amdim bench: {key} = {options[names.get(key, key)]}: {options['why'][key]}", file=sys.stderr)
+    for label, rate, tflops, frac in (
+        ("training loop (amdim train's)", "loop_images_per_s", "loop_tflops", "loop_fraction_of_bf16_peak"),
+        ("model step alone", "step_images_per_s", "tflops", "fraction_of_bf16_peak"),
+    ):
+        peak = f", {100 * result[frac]:.1f} % of the bf16 peak" if result.get(frac) else ""
+        print(
+            f"amdim bench: {label}: {result[rate]:.1f} img/s, {result[tflops]:.3f} TFLOP/s{peak}",
+            file=sys.stderr,
+        )
+    if "data_images_per_s" in result:
+        print(
+            f"amdim bench: data path alone: {result['data_images_per_s']:.1f} img/s "
+            f"({100 * result['data_share_of_loop']:.1f} % of the loop's time)",
+            file=sys.stderr,
+        )
     print(json.dumps(result, indent=2, default=json_default))
     return 0
 

@@ -196,6 +196,11 @@ class TrainConfig:
     # The speed options; "auto" resolves by what the machine reports (amdim.speed): bf16 on CUDA
     # and on CPUs with native bf16 (AMX-BF16 / AVX512-BF16); channels_last as measured per device.
     amp: str = "auto"  # auto | bf16 | off
+    # The precision of the fp32 matmuls, the NCE score matmul above all (it runs in fp32 even under
+    # autocast): "fp32" full precision; "tf32" TF32 tensor cores (CUDA only; a CPU runs fp32);
+    # "bf16" the NCE scores from bf16 inputs with fp32 accumulation, on any device; "auto" = tf32
+    # on CUDA, fp32 on a CPU.
+    matmul_precision: str = "auto"  # auto | fp32 | tf32 | bf16
     channels_last: Switch = "auto"
     compile: bool = False
     # torch.compile's backend when train.compile is on: inductor (generated kernels), or e.g. eager
@@ -568,6 +573,11 @@ def validate(cfg: Config) -> Config:
         t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got '{t.device}'"
     )
     _check(t.amp in ("auto", "bf16", "off"), "train.amp", f"must be auto, bf16 or off, got '{t.amp}'")
+    _check(
+        t.matmul_precision in ("auto", "fp32", "tf32", "bf16"),
+        "train.matmul_precision",
+        f"must be auto, fp32, tf32 or bf16, got '{t.matmul_precision}'",
+    )
     for key, value in (("train.channels_last", t.channels_last), ("optim.fused", o.fused)):
         _check(value in ("auto", "true", "false"), key, f"must be auto, true or false, got '{value}'")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")

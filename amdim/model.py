@@ -37,6 +37,8 @@ class AMDIM(nn.Module):
             MixtureHead(model_cfg.n_rkhs, loss_cfg.n_mix, loss_cfg.mix_hidden) if loss_cfg.n_mix > 1 else None
         )
         self.probes = OnlineProbes(model_cfg.n_rkhs, n_classes, model_cfg.mlp_hidden, model_cfg.mlp_dropout)
+        # The NCE score matmul's inputs, "fp32" or "bf16" (train.matmul_precision; amdim.speed.prepare).
+        self.score_precision = "fp32"
         # What the configured loss never reaches gets no gradient: frozen, so that DDP (which
         # waits for a gradient of every parameter that requires one) and the optimiser skip it.
         # The modules stay, so checkpoints keep one layout whatever the loss.
@@ -93,8 +95,9 @@ class AMDIM(nn.Module):
             mix_a = self.mixture(a[0].flatten(1))
             mix_b = self.mixture(b[0].flatten(1))
         out = multiscale_nce(
-            a, b, self.loss_cfg, gather=gather, rank_offset=rank_offset, mix_a=mix_a, mix_b=mix_b
-        )
+            a, b, self.loss_cfg, gather=gather, rank_offset=rank_offset, mix_a=mix_a, mix_b=mix_b,
+            precision=self.score_precision,
+        )  # fmt: skip
 
         # Online probes on the detached global features of both views (spec 6.1).
         feats = torch.cat([a[0], b[0]]).flatten(1).detach()

@@ -4,9 +4,11 @@ Everything here is a pure function of tensors. Shapes use B (local batch), N (im
 are the targets: the global batch once gathered, N >= B), D (``n_rkhs``), K (antecedents per
 image: 1, or ``n_mix`` mixture components) and L (target locations: 25 for 5x5, 49 for 7x7).
 
-The score maths always runs in float32, even under ``torch.autocast``: the matmul is done with
-autocast disabled on float32 copies, and the regulariser, tanh clip and log-sum-exp follow in
-float32 (spec section 11.2).
+The score maths runs in float32, even under ``torch.autocast``: the matmul is done with autocast
+disabled on float32 copies, and the regulariser, tanh clip and log-sum-exp follow in float32
+(spec section 11.2). ``precision="bf16"`` (``train.matmul_precision=bf16``) gives the matmul bf16
+copies instead, with fp32 accumulation; its scores are rounded to bf16 and then everything after
+the matmul is float32 again.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ N_LOC5 = 25
 """Locations of the 5x5 map; the 5t5 pair draws one of them per image as its antecedent."""
 
 
-def scores(src: Tensor, trg: Tensor) -> Tensor:
+PRECISIONS = ("fp32", "bf16")
+
+
+def scores(src: Tensor, trg: Tensor, precision: str = "fp32") -> Tensor:
     """Raw scores ``s[b, k, n, l] = <src[b, k], trg[n, :, l]> / sqrt(D)`` in float32 (spec 3.3.1).
 
     Args:
         src: antecedents, shape (B, K, D).
         trg: consequents, shape (N, D, L).
+        precision: the matmul's inputs: ``fp32`` (TF32 where the backend allows it), or ``bf16``
+            (bf16 copies, fp32 accumulation: tensor cores on a GPU, AMX / AVX512-BF16 on a CPU).
 
     Returns:
         Float32 tensor of shape (B, K, N, L). No temperature, no normalisation (spec 11.6).
@@ -41,13 +48,16 @@ def scores(src: Tensor, trg: Tensor) -> Tensor:
         raise ValueError(
             f"scores: need src (B, K, D) and trg (N, D, L), got {tuple(src.shape)} and {tuple(trg.shape)}"
         )
+    if precision not in PRECISIONS:
+        raise ValueError(f"scores: precision must be one of {PRECISIONS}, got '{precision}'")
     b, k, d = src.shape
     n, _, n_loc = trg.shape
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # Autocast would run this matmul in bf16/fp16; the official code only casts after the matmul,
     # doing the product in fp32 too is the "harmless improvement" of spec 11.2.
     with torch.autocast(device_type=src.device.type, enabled=False):
-        flat_trg = trg.float().permute(1, 0, 2).reshape(d, n * n_loc)
-        s = torch.matmul(src.float().reshape(b * k, d), flat_trg)
+        flat_trg = trg.to(dtype).permute(1, 0, 2).reshape(d, n * n_loc)
+        s = torch.matmul(src.to(dtype).reshape(b * k, d), flat_trg).float()
     return s.view(b, k, n, n_loc) / math.sqrt(d)
 
 
@@ -57,7 +67,7 @@ def soft_clip(s: Tensor, tclip: float | None) -> Tensor:
 
 
 def nce_log_probs(
-    src: Tensor, trg: Tensor, pos_offset: int = 0, tclip: float | None = None
+    src: Tensor, trg: Tensor, pos_offset: int = 0, tclip: float | None = None, precision: str = "fp32"
 ) -> tuple[Tensor, Tensor]:
     """Per-location NCE log-probabilities of the positives, and the score regulariser (spec 3.3).
 
@@ -71,24 +81,38 @@ def nce_log_probs(
         trg: consequents of the (possibly gathered) batch, shape (N, D, L), N >= pos_offset + B.
         pos_offset: index in ``trg`` of source 0's positive (the rank offset under DDP).
         tclip: soft-clip constant c, or None for no clip.
+        precision: the score matmul's inputs (see :func:`scores`).
 
     Returns:
         ``(log_probs, reg)``: float32 log-probabilities of shape (B, K, L), and the unweighted
         regulariser ``mean(s**2)`` over all raw, pre-clip scores (a scalar; spec 3.3.2).
     """
-    b = src.shape[0]
-    n = trg.shape[0]
+    _check_positives(src.shape[0], trg.shape[0], pos_offset)
+    return nce_from_scores(scores(src, trg, precision), pos_offset, tclip)
+
+
+def _check_positives(b: int, n: int, pos_offset: int) -> None:
     if pos_offset < 0 or pos_offset + b > n:
         raise ValueError(
             f"nce_log_probs: positives {pos_offset}..{pos_offset + b - 1} outside the {n} targets"
         )
-    s = scores(src, trg)
+
+
+def nce_from_scores(s: Tensor, pos_offset: int = 0, tclip: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`nce_log_probs` from raw scores ``s`` of shape (B, K, N, L) (see :func:`scores`).
+
+    Each antecedent k has its own denominator, so the scores of several antecedents against the
+    same targets can come from one matmul and be split along K (``multiscale_nce`` does so for the
+    pairs that share a target map)."""
+    b, _, n, _ = s.shape
+    _check_positives(b, n, pos_offset)
     reg = s.pow(2).mean()
     s = soft_clip(s, tclip)
     pos_idx = torch.arange(b, device=s.device) + pos_offset
     pos = s[torch.arange(b, device=s.device), :, pos_idx]  # (B, K, L)
-    is_pos = torch.zeros(b, 1, n, 1, dtype=torch.bool, device=s.device)
-    is_pos[torch.arange(b, device=s.device), 0, pos_idx, 0] = True
+    # Made by comparison, not by indexed assignment: on a GPU the assigned True would be a tensor
+    # copied from the host, a sync in every step (tests/test_host_syncs.py).
+    is_pos = (torch.arange(n, device=s.device) == pos_idx[:, None]).view(b, 1, n, 1)
     neg = s.masked_fill(is_pos, float("-inf"))
     lse_neg = torch.logsumexp(neg.flatten(2), dim=2)  # (B, K): one denominator per source
     return -F.softplus(lse_neg.unsqueeze(-1) - pos), reg
@@ -177,6 +201,7 @@ def multiscale_nce(
     mix_a: Tensor | None = None,
     mix_b: Tensor | None = None,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Tensor]:
     """The self-supervised loss of spec 3.4 for two views, with optional mixtures (spec 4).
 
@@ -204,6 +229,7 @@ def multiscale_nce(
         rank_offset: index of this rank's first image in the gathered batch.
         mix_a, mix_b: mixture components of each view's global feature, shape (B, n_mix, D).
         generator: RNG for the 5x5 source locations.
+        precision: the score matmul's inputs, ``fp32`` or ``bf16`` (see :func:`scores`).
 
     Returns:
         ``{"loss", "g2l_<pair>" for each configured pair, "reg"}`` (all with gradient; "reg" is the
@@ -229,13 +255,11 @@ def multiscale_nce(
             gathered[(view, size)] = gather(views[view][1 if size == 5 else 2].flatten(2))
         return gathered[(view, size)]
 
-    out: dict[str, Tensor] = {}
-    reg_total = r1.new_zeros((), dtype=torch.float32)
-    entropies: list[Tensor] = []
+    # Every (pair, direction)'s antecedents, pair by pair, a->b before b->a (the 5t5 draws' order).
+    jobs: list[tuple[str, bool, tuple[int, int], Tensor]] = []
     for pair in cfg.pairs:
         src_size, trg_size = int(pair[0]), int(pair[2])
         mixed = use_mix and src_size == 1 and pair in cfg.mix_pairs
-        losses, regs = [], []
         for s_view, t_view in ((0, 1), (1, 0)):
             trg = targets(t_view, trg_size)
             if mixed:
@@ -245,7 +269,27 @@ def multiscale_nce(
             else:
                 idx = sample_locations(trg.shape[0], bsz, rank_offset, device=r1.device, generator=generator)
                 src = gather_locations(views[s_view][1], idx).unsqueeze(1)
-            log_probs, reg = nce_log_probs(src, trg, rank_offset, cfg.tclip)
+            jobs.append((pair, mixed, (t_view, trg_size), src))
+
+    # One score matmul per target map: the antecedents of every pair scoring against it (1t5 and
+    # 5t5 share the other view's 5x5 map) stacked along K, the scores split back per pair.
+    nce: dict[int, tuple[Tensor, Tensor]] = {}
+    for key in dict.fromkeys(job[2] for job in jobs):
+        group = [j for j, job in enumerate(jobs) if job[2] == key]
+        srcs = [jobs[j][3] for j in group]
+        src = srcs[0] if len(srcs) == 1 else torch.cat([x.float() for x in srcs], dim=1)
+        all_scores = scores(src, gathered[key], precision)
+        for j, s in zip(group, all_scores.split([x.shape[1] for x in srcs], dim=1)):
+            nce[j] = nce_from_scores(s, rank_offset, cfg.tclip)
+
+    out: dict[str, Tensor] = {}
+    reg_total = r1.new_zeros((), dtype=torch.float32)
+    entropies: list[Tensor] = []
+    for first in range(0, len(jobs), 2):
+        pair, mixed = jobs[first][0], jobs[first][1]
+        losses, regs = [], []
+        for j in (first, first + 1):
+            log_probs, reg = nce[j]
             if mixed:
                 objective, entropy = mixture_objective(log_probs, alpha)
                 entropies.append(entropy.mean())
@@ -270,6 +314,7 @@ __all__ = [
     "mix_alpha",
     "mixture_objective",
     "multiscale_nce",
+    "nce_from_scores",
     "nce_log_probs",
     "sample_locations",
     "scores",

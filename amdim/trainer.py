@@ -174,7 +174,7 @@ def model_from_checkpoint(
     return model.to(device), cfg
 
 
-def _views(
+def views_on_device(
     batch: tuple[Tensor, ...],
     two_views: Callable[..., tuple[Tensor, Tensor]] | None,
     device: torch.device,
@@ -225,12 +225,12 @@ def train_one_epoch(
     sums: dict[str, Tensor] = {}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
     bad = torch.full((), -1, dtype=torch.long, device=device)  # first global step with a non-finite loss
-    check_every_step = device.type == "cpu" and dist.world_size == 1
+    check_every_step = speed.host_syncs_are_free(device) and dist.world_size == 1
     epoch_start = state.step
     for i, batch in enumerate(batches):
         if cfg.train.max_steps_per_epoch and i >= cfg.train.max_steps_per_epoch:
             break
-        x1, x2, labels = _views(batch, two_views, device, gen)
+        x1, x2, labels = views_on_device(batch, two_views, device, gen)
         if options.channels_last:
             x1, x2 = (
                 x1.contiguous(memory_format=torch.channels_last),
@@ -418,8 +418,7 @@ def fit(
         keep[val_idx] = False
         train_idx = keep.nonzero().flatten()
     core = AMDIM(cfg.model, cfg.loss, bundle.n_classes).to(device)
-    if speed.resolve(cfg.train, cfg.optim, device).channels_last:
-        core = core.to(memory_format=torch.channels_last)
+    core = speed.prepare(core, speed.resolve(cfg.train, cfg.optim, device), device)
     optimizer = build_optimizer(core, cfg, device)
     steps_per_epoch = data_mod.steps_per_epoch(bundle, cfg.data, dist.world_size)
     if cfg.train.max_steps_per_epoch:

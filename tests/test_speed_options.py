@@ -194,6 +194,10 @@ def test_flops_are_counted_and_scale_with_the_batch(views):
 
 
 REQUIRED = {
+    "loop_images_per_s",
+    "loop_tflops",
+    "loop_to_step_ratio",
+    "data_share_of_loop",
     "step_images_per_s",
     "baseline_images_per_s",
     "speedup",
@@ -224,19 +228,64 @@ def test_bench_command_prints_the_required_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= REQUIRED
     assert (result["device"], result["preset"], result["batch"], result["ndf"]) == ("cpu", "tiny", 8, 32)
-    for key in ("step_images_per_s", "baseline_images_per_s", "data_images_per_s", "flops_per_image"):
+    for key in ("loop_images_per_s", "step_images_per_s", "baseline_images_per_s", "data_images_per_s"):
         assert result[key] > 0
+    assert result["flops_per_image"] > 0 and 0 < result["data_share_of_loop"] < 1
+    assert result["loop_tflops"] == pytest.approx(result["flops_per_image"] * result["loop_images_per_s"] / 1e12)
     assert len(result["step_times_ms"]) == 2 and all(t > 0 for t in result["step_times_ms"])
     # The default options are the ones this machine resolves to (amdim.speed), each with a reason;
     # the step's loss is the plain step's, to bf16's tolerance when they include bf16.
     options = result["options"]
-    assert set(options["why"]) == {"amp", "channels_last", "fused", "compile"}
+    assert set(options["why"]) == {"amp", "matmul", "channels_last", "fused", "compile"}
     assert options["channels_last"] is True and options["fused_adam"] is True  # on for CPUs
     tolerance = 1e-2 if options["amp"] == "bfloat16" else 1e-5
     assert result["loss_first_step"] == pytest.approx(result["baseline_loss_first_step"], rel=tolerance)
     assert result["cpu"]  # the CPU's model and its bf16 flags, whatever the architecture
     # No datasheet peak for a CPU: no invented fraction unless the user gives the peak.
     assert result["peak_tflops_bf16"] is None and result["fraction_of_bf16_peak"] is None
+
+
+def test_bench_times_the_loop_amdim_train_runs(monkeypatch):
+    """The loop figure is train_one_epoch fed by the loader through the prefetcher, with the views
+    made on the device inside each step; the data path is the same without the model."""
+    import amdim.augment as augment_mod
+    import amdim.data as data_mod
+    from amdim import trainer
+    from amdim.bench import run_bench
+
+    calls = {"views": 0, "loaders": 0, "prefetchers": 0, "epochs": []}
+    real_views, real_loader = augment_mod.BatchedTwoViews.__call__, data_mod.train_loader
+    real_prefetcher, real_epoch = data_mod.DevicePrefetcher.__iter__, trainer.train_one_epoch
+
+    def views(self, *args, **kwargs):
+        calls["views"] += 1
+        return real_views(self, *args, **kwargs)
+
+    def loader(*args, **kwargs):
+        calls["loaders"] += 1
+        return real_loader(*args, **kwargs)
+
+    def prefetcher(self):
+        calls["prefetchers"] += 1
+        return real_prefetcher(self)
+
+    def epoch(state, batches, two_views, cfg, *args, **kwargs):
+        calls["epochs"].append((two_views is not None, cfg.train.max_steps_per_epoch))
+        return real_epoch(state, batches, two_views, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(augment_mod.BatchedTwoViews, "__call__", views)
+    monkeypatch.setattr(data_mod, "train_loader", loader)
+    monkeypatch.setattr(data_mod.DevicePrefetcher, "__iter__", prefetcher)
+    monkeypatch.setattr(trainer, "train_one_epoch", epoch)
+    # 20 steps of batch 128 cycle the 2048 synthetic training images past an epoch's end.
+    cfg = with_overrides(TINY, {"data.spec": "synthetic"})
+    run_bench(cfg, 128, "cpu", steps=18, warmup=2, data=False)
+    loop_epochs = [e for e in calls["epochs"] if e[1] == 20]
+    assert len(loop_epochs) == 1 and loop_epochs[0][0]  # one loop of 20 steps, views made on the device
+    # one fixed batch for the step timings, then one per step of the loop (the augmentation runs in
+    # it), and the loader's epochs cycled through one prefetcher
+    assert calls["views"] == 1 + 20
+    assert calls["loaders"] == 2 and calls["prefetchers"] == 1
 
 
 def test_bench_fraction_of_peak_uses_the_given_peak(capsys):
