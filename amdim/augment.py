@@ -431,20 +431,31 @@ class BatchedTwoViews(_TwoViews):
             t = cfg.translate_px
             shift = torch.randint(-t, t + 1, (batch, 2), generator=gen, device=dev)
             translate = shift * applied[:, None]
-        jitter = self._rand(gen, dev, batch) < cfg.jitter_p
+        return {"crop": crop, "translate": translate, **self._sample_colour(batch, dev, gen)}
+
+    def _sample_colour(self, batch: int, dev: torch.device, gen: torch.Generator | None) -> Params:
+        jitter = self._rand(gen, dev, batch) < self.cfg.jitter_p
         order = self._rand(gen, dev, batch, 4).argsort(1)  # a uniform random permutation per row
         lo = constant([r[0] for r in self.jitter_ranges], dev)
         hi = constant([r[1] for r in self.jitter_ranges], dev)
         factors = lo + (hi - lo) * self._rand(gen, dev, batch, 4)
-        gray = self._rand(gen, dev, batch) < cfg.gray_p
-        return {
-            "crop": crop,
-            "translate": translate,
-            "jitter": jitter,
-            "order": order,
-            "factors": factors,
-            "gray": gray,
-        }
+        gray = self._rand(gen, dev, batch) < self.cfg.gray_p
+        return {"jitter": jitter, "order": order, "factors": factors, "gray": gray}
+
+    def colour(
+        self, v1: Tensor, v2: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Steps 2-4 alone (jitter, grayscale, normalise), independently per view, for views whose
+        flip and crop were made already (uint8 (B, 3, out, out) each: photos from an image folder,
+        cropped in the loader workers, see :class:`amdim.data.PhotoCrops`)."""
+        with torch.autocast(v1.device.type, enabled=False):
+            out = []
+            for v in (v1, v2):
+                p = self._sample_colour(v.shape[0], v.device, generator)
+                x = self._jitter(_to_float(v), p)
+                x = torch.where(p["gray"][:, None, None, None], _gray(x).expand_as(x), x)
+                out.append(_normalize(x, self.mean, self.std))
+        return out[0], out[1]
 
     def _sample_crops(
         self, batch: int, height: int, width: int, dev: torch.device, gen: torch.Generator | None

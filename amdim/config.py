@@ -159,7 +159,10 @@ class DataConfig:
 
     spec: str = "synthetic"
     batch_size: int = 200
-    num_workers: int = 0
+    # Loader worker processes. -1 (auto): for image folders, the CPUs this process may use less
+    # one, at most 8 (decoding and cropping photos); 0 for data held in memory, which the
+    # training thread slices at no cost. >= 0: that many.
+    num_workers: int = -1
     drop_last: bool = True
     # > 0: this fraction of the labelled training images (stratified, seeded by train.seed) is
     # hidden from the online probes' labels and scores them every epoch as val_acc_lin/val_acc_mlp,
@@ -549,7 +552,7 @@ def validate(cfg: Config) -> Config:
 
     _check(bool(d.spec), "data.spec", "must not be empty")
     _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (NCE needs negatives), got {d.batch_size}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.num_workers >= -1, "data.num_workers", f"must be -1 (auto) or >= 0, got {d.num_workers}")
     _check(
         0.0 <= d.online_val_fraction <= 0.5,
         "data.online_val_fraction",

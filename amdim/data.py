@@ -14,10 +14,16 @@ Spec strings (:func:`load_data`):
 Data never downloads. A user mistake (missing folder, bad file, unknown kind) raises
 :class:`amdim.errors.DataError` with one line that names the path and how to get the data.
 
-Image folders are decoded with PIL, resized so the shorter side is the decode size (default
-``round(image_size * 146 / 128)``, i.e. ImageNet's test resize 146 at 128 px) and centre-cropped
-to a square, so every image is a fixed-size uint8 tensor that the batched augmentation can stack.
-The random resized crop then draws from that centre square rather than the whole photo.
+Image folders (ImageNet, Places) are trained on as the paper and the official code train on
+them: with ``aug.crop`` on, each training photo is decoded whole and both views are random
+resized crops of the whole photo (the aug config's scale and ratio; one flip shared by both),
+resized to the model's size, in the loader's worker processes (``data.num_workers``; by default
+the CPUs this process may use less one): :class:`PhotoCrops`. The loader yields the two uint8
+views, and the colour half of the augmentation (jitter, grayscale, normalisation) runs batched on
+the device (:meth:`amdim.augment.BatchedTwoViews.colour`). Evaluation, the probes and BN warm-up
+read the photos as :class:`ImageFiles` items: shorter side resized to the decode size (default
+``round(image_size * 146 / 128)``, ImageNet's test resize 146 at 128 px) and centre-cropped, then
+the test transform's centre crop.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ FAMILY_AUG: dict[str, AugConfig] = {"cifar": AUG_CIFAR, "stl10": AUG_STL10, "ima
 
 class ImageFiles(Dataset):
     """Lazily decoded image files: item i is uint8 (3, size, size) (shorter side resized with
-    PIL bicubic, then centre-cropped)."""
+    PIL bicubic, then centre-cropped); :meth:`photo` is the whole photo."""
 
     def __init__(self, files: Sequence[str], size: int) -> None:
         self.files = list(files)
@@ -74,16 +80,67 @@ class ImageFiles(Dataset):
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.files), 3, self.size, self.size)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def photo(self, index: int) -> Image.Image:
+        """The whole photo, decoded to RGB."""
         path = self.files[index]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                return im.convert("RGB")
         except OSError as e:
             raise DataError(f"{path}: cannot decode image ({e})") from None
+
+    def __getitem__(self, index: int) -> Tensor:
         _, F, bicubic = _tv()  # torchvision, imported on first use
-        im = F.resize(im, [self.size], interpolation=bicubic)
+        im = F.resize(self.photo(index), [self.size], interpolation=bicubic)
         return F.pil_to_tensor(F.center_crop(im, [self.size, self.size]))
+
+
+class PhotoCrops:
+    """The geometric half of the training augmentation on a whole photo, per image in a loader
+    worker: one horizontal flip (``flip_p``) shared by both views, then for each view
+    ``RandomResizedCrop(out_size, scale, ratio)`` of the whole photo with PIL's bicubic resize
+    (antialiased when it shrinks). Parameters are drawn with torchvision's own sampler from a
+    generator seeded by (seed, epoch, index), so an epoch is reproducible with any number of
+    workers or ranks. Returns two uint8 (3, out_size, out_size) views."""
+
+    def __init__(self, cfg: AugConfig, out_size: int) -> None:
+        self.cfg, self.out_size = cfg, out_size
+
+    def __call__(self, photo: Image.Image, seed: int) -> tuple[Tensor, Tensor]:
+        transforms, F, _ = _tv()
+        cfg, out = self.cfg, self.out_size
+        scale, ratio = (cfg.crop_scale_min, cfg.crop_scale_max), (cfg.crop_ratio_min, cfg.crop_ratio_max)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flip = bool(torch.rand(()) < cfg.flip_p)
+            boxes = [transforms.RandomResizedCrop.get_params(photo, scale, ratio) for _ in range(2)]
+        if flip:
+            photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views = (
+            photo.resize((out, out), Image.Resampling.BICUBIC, box=(j, i, j + w, i + h))
+            for i, j, h, w in boxes
+        )
+        v1, v2 = (F.pil_to_tensor(v) for v in views)
+        return v1, v2
+
+
+def cpu_workers() -> int:
+    """Loader workers for decoding photos: the CPUs this process may use (``OMP_NUM_THREADS``
+    when set, as Ray sets it to a trial's CPUs; else the CPU affinity) less one for the training
+    thread, at most 8."""
+    try:
+        cpus = int(os.environ["OMP_NUM_THREADS"])
+    except (KeyError, ValueError):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def loader_workers(requested: int, images: Any) -> int:
+    """``data.num_workers`` resolved: -1 (auto) is :func:`cpu_workers` for image folders and 0
+    for images held in memory."""
+    if requested >= 0:
+        return requested
+    return cpu_workers() if isinstance(images, ImageFiles) else 0
 
 
 Images = Tensor | ImageFiles
@@ -446,23 +503,38 @@ def shard_indices(n: int, *, seed: int, epoch: int, rank: int, world_size: int, 
 
 
 class _Items(Dataset):
-    """Index -> (uint8 image, label), or (view1, view2, label) with a per-image augmentation.
+    """Index -> (uint8 image, label); (view1, view2, label) with a per-image augmentation; or
+    (uint8 view1, uint8 view2, label) with ``crops`` (the whole photo cropped, colour left to
+    the device).
 
     Each image's augmentation RNG is seeded by (seed, epoch, index): reproducible, and the
-    same for any number of workers or ranks.
+    same for any number of workers or ranks. With ``whole_photo`` an image folder's item is its
+    whole photo (the per-image reference path crops it as the batched path does).
     """
 
     def __init__(
-        self, images: Images, labels: Tensor, augment: TorchvisionTwoViews | None, seed: int, epoch: int
+        self,
+        images: Images,
+        labels: Tensor,
+        augment: TorchvisionTwoViews | None,
+        seed: int,
+        epoch: int,
+        crops: PhotoCrops | None = None,
+        whole_photo: bool = False,
     ):
-        self.images, self.labels, self.augment = images, labels, augment
-        self.seed, self.epoch = seed, epoch
+        self.images, self.labels, self.augment, self.crops = images, labels, augment, crops
+        self.seed, self.epoch, self.whole_photo = seed, epoch, whole_photo
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
-        img, label = self.images[index], int(self.labels[index])
+        label = int(self.labels[index])
+        if self.crops is not None:
+            v1, v2 = self.crops(self.images.photo(index), mix_seed(self.seed, self.epoch, index))
+            return v1, v2, label
+        whole = self.whole_photo
+        img = _tv()[1].pil_to_tensor(self.images.photo(index)) if whole else self.images[index]
         if self.augment is None:
             return img, label
         with torch.random.fork_rng(devices=[]):
@@ -550,6 +622,9 @@ def train_loader(
     Yields, by ``aug_cfg.impl``:
         "batched": ``(x, y)``: uint8 (b, 3, H, W) on CPU and int64 (b,); make the views on the
         device with :class:`~amdim.augment.BatchedTwoViews` (e.g. with :func:`augment_generator`).
+        For an image folder with ``aug_cfg.crop``: ``(view1, view2, y)``, uint8 (b, 3, S, S)
+        crops of the whole photos (:class:`PhotoCrops`, in the workers); the device adds the
+        colour (:meth:`~amdim.augment.BatchedTwoViews.colour`).
         "torchvision": ``(view1, view2, y)``: float32 (b, 3, S, S) normalised views made in the
         DataLoader workers (``data_cfg.num_workers``), and int64 (b,).
     Labels are -1 for unlabelled images (STL-10).
@@ -566,11 +641,15 @@ def train_loader(
         raise DataError(
             f"{bundle.name}: {n} training images give no full batch of {batch} per rank (lower data.batch_size)"
         )
-    augment = None
+    augment = crops = None
+    whole_photo = isinstance(bundle.train_images, ImageFiles) and aug_cfg.crop
     if aug_cfg.impl == "torchvision":
         augment = TorchvisionTwoViews(aug_cfg, image_size, bundle.mean, bundle.std)
-    items = _Items(bundle.train_images, bundle.train_labels, augment, seed, epoch)
-    return TrainLoader(items, batches[start_step:], data_cfg.num_workers, pin_memory)
+    elif whole_photo:
+        crops = PhotoCrops(aug_cfg, image_size)
+    items = _Items(bundle.train_images, bundle.train_labels, augment, seed, epoch, crops, whole_photo)
+    workers = loader_workers(data_cfg.num_workers, bundle.train_images)
+    return TrainLoader(items, batches[start_step:], workers, pin_memory)
 
 
 def hold_out_online_val(bundle: DataBundle, fraction: float, seed: int) -> tuple[DataBundle, Tensor]:
@@ -647,7 +726,7 @@ class EvalLoader:
         batches: list[Tensor],
         transform: tuple[AugConfig, int, tuple[float, ...], tuple[float, ...]],
         device: torch.device | str | None = None,
-        num_workers: int = 0,
+        num_workers: int = -1,
     ) -> None:
         self.images, self.labels, self.batches = images, labels, batches
         self.transform, self.device, self.num_workers = transform, device, num_workers
@@ -662,7 +741,8 @@ class EvalLoader:
             return
         items = _Items(self.images, self.labels, None, 0, 0)
         batch_sampler = [b.tolist() for b in self.batches]
-        yield from DataLoader(items, batch_sampler=batch_sampler, num_workers=self.num_workers)
+        workers = loader_workers(self.num_workers, self.images)
+        yield from DataLoader(items, batch_sampler=batch_sampler, num_workers=workers)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         cfg, size, mean, std = self.transform
@@ -684,7 +764,7 @@ def eval_loader(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str | None = None,
-    num_workers: int = 0,
+    num_workers: int = -1,
     drop_last: bool = False,
     shuffle_seed: int | None = None,
     indices: Tensor | None = None,
@@ -719,12 +799,15 @@ __all__ = [
     "DevicePrefetcher",
     "EvalLoader",
     "ImageFiles",
+    "PhotoCrops",
     "TrainLoader",
     "augment_generator",
     "check_readable",
+    "cpu_workers",
     "eval_loader",
     "hold_out_online_val",
     "load_data",
+    "loader_workers",
     "mix_seed",
     "shard_indices",
     "steps_per_epoch",

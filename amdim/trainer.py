@@ -180,13 +180,15 @@ def views_on_device(
     device: torch.device,
     gen,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(x1, x2, labels) on the device, from either loader flavour (see amdim.data.train_loader)."""
+    """(x1, x2, labels) on the device, from any loader flavour (see amdim.data.train_loader)."""
     if len(batch) == 2:  # batched path: uint8 images, augmented here on the device
         images, labels = batch
         x1, x2 = two_views(images.to(device, non_blocking=True), generator=gen)
     else:  # per-image path: views made in the loader workers
         x1, x2, labels = batch
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        if x1.dtype == torch.uint8:  # photos flipped and cropped in the workers: the colour here
+            x1, x2 = two_views.colour(x1, x2, generator=gen)
     return x1, x2, labels.to(device, non_blocking=True)
 
 

@@ -247,8 +247,15 @@ def test_imagefolder_decodes_lazily_to_fixed_size(tmp_path):
     decode = round(32 * 146 / 128)
     img = b.train_images[1]
     assert img.shape == (3, decode, decode) and img.dtype == torch.uint8
+    # training: two uint8 crops of the whole photos at the model's size (tests/test_photo_crops.py)
     batches = list(train_loader(b, DataConfig(batch_size=4), AUG_IMAGENET, 32, seed=0, epoch=0))
-    assert len(batches) == 1 and batches[0][0].shape == (4, 3, decode, decode)
+    assert len(batches) == 1 and [t.shape for t in batches[0][:2]] == [(4, 3, 32, 32)] * 2
+    assert batches[0][0].dtype == torch.uint8
+    # without the crop (aug.crop=false) the centre squares, as before
+    flat = list(
+        train_loader(b, DataConfig(batch_size=4), replace(AUG_IMAGENET, crop=False), 32, seed=0, epoch=0)
+    )
+    assert len(flat[0]) == 2 and flat[0][0].shape == (4, 3, decode, decode)
     cfg = replace(AUG_IMAGENET, test_resize=decode)
     x, y = next(iter(eval_loader(b.test_images, b.test_labels, cfg, 32, 4, b.mean, b.std)))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]

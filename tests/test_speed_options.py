@@ -231,7 +231,9 @@ def test_bench_command_prints_the_required_json(capsys):
     for key in ("loop_images_per_s", "step_images_per_s", "baseline_images_per_s", "data_images_per_s"):
         assert result[key] > 0
     assert result["flops_per_image"] > 0 and 0 < result["data_share_of_loop"] < 1
-    assert result["loop_tflops"] == pytest.approx(result["flops_per_image"] * result["loop_images_per_s"] / 1e12)
+    assert result["loop_tflops"] == pytest.approx(
+        result["flops_per_image"] * result["loop_images_per_s"] / 1e12
+    )
     assert len(result["step_times_ms"]) == 2 and all(t > 0 for t in result["step_times_ms"])
     # The default options are the ones this machine resolves to (amdim.speed), each with a reason;
     # the step's loss is the plain step's, to bf16's tolerance when they include bf16.
