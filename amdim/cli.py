@@ -300,8 +300,6 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/checkpoint.pt, config.json and export.json")
         return 0
     elif args.study_command == "confirm":
-        if args.settings and args.top is not None:
-            raise UserError("--settings confirms every labelled setting; it takes no --top")
         summary = study.run_confirm(args.name, args.top, args.seeds, settings=args.settings)
     else:
         summary = study.study_status(args.name)
@@ -366,11 +364,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         if len(args.names) != 1:
             raise UserError("give one study name, or several with --compare")
-        info = report(args.names[0], formats, out, args.metric)
+        info = report(args.names[0], formats, out, args.metric, args.baseline)
     for path in info["files"]:
         print(f"wrote {path}")
     if "online_offline_r" in info:
         print(f"online vs offline probe correlation r = {info['online_offline_r']:.3f}")
+    if not args.compare and info.get("reference") is None:
+        print(
+            "no verdicts: the study has no labelled setting to compare against (--baseline LABEL names one)"
+        )
     return 0
 
 
@@ -478,7 +480,8 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", type=int, default=None, help="seeds each (default: the spec's confirm.seeds)")
     q.add_argument(
         "--settings", action="store_true",
-        help="rerun every labelled setting of the spec (its points: the paper's ablation cells) instead",
+        help="rerun every labelled setting of the spec (its points: the paper's ablation cells) instead; "
+        "with --top N, the N best configurations and every labelled setting",
     )  # fmt: skip
     p.set_defaults(func=cmd_study)
 
@@ -489,6 +492,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="csv,md,tex", help="comma-separated: csv, md, tex")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
     p.add_argument("--compare", action="store_true", help="one table across the named studies")
+    p.add_argument(
+        "--baseline", metavar="LABEL",
+        help="the labelled setting the verdicts compare every other setting with (default: the spec's first point)",
+    )  # fmt: skip
     p.add_argument(
         "--metric", default="probe_test_accuracy", choices=["probe_test_accuracy", "probe_val_accuracy"],
         help="the offline probe's accuracy the tables rank and compare on: on the test images "

@@ -5,8 +5,9 @@
 * ``trials``: one row per trial and seed (search and confirm stages): study, stage, trial (Optuna
   number for the search, position for the confirm stage), run_id, state, seed, setting, dataset
   (:func:`amdim.config.dataset_name`: ``cifar10``, an npz file's or image folder's name, ...),
-  config_id, epochs, wall_s, best/final online linear-probe test accuracy, best online MLP
-  accuracy, best/final online accuracy on the validation split (``data.online_val_fraction``;
+  config_id, epochs, wall_s, best/final online linear-probe test accuracy, best/final online MLP
+  accuracy (the tables read the final, last-epoch ones: a best epoch chosen on the test images is
+  biased upwards), best/final online accuracy on the validation split (``data.online_val_fraction``;
   NaN without it), the final offline probe accuracies (NaN when the trial did not finish), and
   ``param.<key>`` for every searched key, typed as the config types it (``None`` is "off").
 * ``curves``: the online linear probe per epoch for every trial (early-stopped ones included), on
@@ -104,6 +105,7 @@ def collect(name: str, uri: str | None = None) -> tuple[pd.DataFrame, pd.DataFra
             "best_online_acc": max(lin.values()) if lin else math.nan,
             "final_online_acc": lin[max(lin)] if lin else math.nan,
             "best_online_mlp_acc": max(mlp.values()) if mlp else math.nan,
+            "final_online_mlp_acc": mlp[max(mlp)] if mlp else math.nan,
             "best_online_val_acc": max(val.values()) if val else math.nan,
             "final_online_val_acc": val[max(val)] if val else math.nan,
             "probe_test_accuracy": metrics.get("probe_test_accuracy", math.nan),

@@ -10,6 +10,7 @@ import pandas as pd
 from amdim.errors import UserError
 from analysis import plots, tables
 from analysis.collect import collect, importances
+from analysis.verdicts import verdict_table
 
 FORMATS = ("csv", "md", "tex")
 
@@ -22,22 +23,36 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
-def report(name: str, formats: list[str], out: Path, metric: str = "probe_test_accuracy") -> dict:
-    """Write results/states/ablation tables and the four plots for study ``name`` into ``out``."""
+def report(
+    name: str, formats: list[str], out: Path, metric: str = "probe_test_accuracy", baseline: str | None = None
+) -> dict:
+    """Write the results, states, ablation and verdict tables and the plots for study ``name``
+    into ``out``. The verdicts compare every labelled setting and confirm-stage configuration with
+    ``baseline`` (default: the spec's first labelled point) on the study's rank metric and the
+    test accuracy (:mod:`analysis.verdicts`)."""
+    from amdim.harness.study import load_study_spec
+
+    spec = load_study_spec(name)
     trials, curves = collect(name)
     if trials.empty:
         raise UserError(f"study '{name}' has no trial runs in MLflow yet")
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    reference = baseline or (spec.point_labels[0] if spec.point_labels else None)
     named = {"results": tables.results_table(trials, metric), "states": tables.state_counts(trials)}
     if (trials["setting"].astype(str) != "").any():
         named["ablation"] = tables.ablation_table(trials)
-    written += tables.write_report_tables(named, formats, out)
+    info: dict = {"trials": len(trials), "reference": reference}
+    if reference is not None:
+        metrics = list(dict.fromkeys([spec.rank_metric, "probe_test_accuracy"]))
+        try:
+            named["verdicts"] = verdict_table(trials, reference, metrics)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = tables.write_report_tables(named, formats, out)
     trials.to_csv(out / "trials.csv", index=False)
     curves.to_csv(out / "curves.csv", index=False)
     written += [out / "trials.csv", out / "curves.csv"]
-
-    info: dict = {"trials": len(trials), "files": written}
+    info["files"] = written
     imp, method = importances(name, trials, metric)
     if imp:
         written.append(

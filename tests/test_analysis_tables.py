@@ -82,7 +82,8 @@ def make_trials() -> pd.DataFrame:
             "wall_s": 61.5 * epochs,
             "best_online_acc": best,
             "final_online_acc": final,
-            "best_online_mlp_acc": mlp,
+            "best_online_mlp_acc": mlp + 0.01 if mlp == mlp else mlp,  # a best epoch above the last
+            "final_online_mlp_acc": mlp,
             "probe_test_accuracy": probe,
             "probe_val_accuracy": probe + 0.01,
         }
@@ -97,10 +98,13 @@ def make_trials() -> pd.DataFrame:
 
 def check_golden(name: str, text: str) -> None:
     path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
+    if os.environ.get("UPDATE_GOLDEN") == "1" and (
+        not path.exists() or path.read_text(encoding="utf-8") != text
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        # A rewrite compares nothing: it fails, so that a run with the variable left set cannot pass.
+        # A rewrite compares nothing: it fails, so that a rewritten file never passes unreviewed
+        # (run again: each run rewrites the next differing file of a test, and passes the same ones).
         pytest.fail(f"rewrote {path}: review `git diff tests/golden`, then run again without UPDATE_GOLDEN")
     assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
     assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden file"
@@ -164,8 +168,9 @@ def test_results_mean_std_match_numpy():
             assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
         else:
             assert math.isnan(row["std"])
-    assert table.loc[("abl-syn", "a1c0de"), "best_online_acc"] == pytest.approx(
-        np.mean([0.600, 0.593, 0.597])
+    # the online probe at the last epoch, never its best epoch (a maximum taken on the test images)
+    assert table.loc[("abl-syn", "a1c0de"), "final_online_acc"] == pytest.approx(
+        np.mean([0.596, 0.590, 0.592])
     )
 
 

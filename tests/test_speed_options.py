@@ -279,15 +279,15 @@ def test_bench_times_the_loop_amdim_train_runs(monkeypatch):
     monkeypatch.setattr(data_mod, "train_loader", loader)
     monkeypatch.setattr(data_mod.DevicePrefetcher, "__iter__", prefetcher)
     monkeypatch.setattr(trainer, "train_one_epoch", epoch)
-    # 20 steps of batch 128 cycle the 2048 synthetic training images past an epoch's end.
-    cfg = with_overrides(TINY, {"data.spec": "synthetic"})
-    run_bench(cfg, 128, "cpu", steps=18, warmup=2, data=False)
-    loop_epochs = [e for e in calls["epochs"] if e[1] == 20]
-    assert len(loop_epochs) == 1 and loop_epochs[0][0]  # one loop of 20 steps, views made on the device
+    # 8 steps of batch 64 cycle the 256 synthetic training images (4 batches) past an epoch's end.
+    cfg = with_overrides(TINY, {"data.spec": "synthetic:n_train=256,n_test=64"})
+    run_bench(cfg, 64, "cpu", steps=6, warmup=2, data=False)
+    loop_epochs = [e for e in calls["epochs"] if e[1] == 8]
+    assert len(loop_epochs) == 1 and loop_epochs[0][0]  # one loop of 8 steps, views made on the device
     # one fixed batch for the step timings, then one per step of the loop (the augmentation runs in
     # it), and the loader's epochs cycled through one prefetcher
-    assert calls["views"] == 1 + 20
-    assert calls["loaders"] == 2 and calls["prefetchers"] == 1
+    assert calls["views"] == 1 + 8
+    assert calls["loaders"] >= 2 and calls["prefetchers"] == 1
 
 
 def test_bench_fraction_of_peak_uses_the_given_peak(capsys):

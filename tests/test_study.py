@@ -207,12 +207,19 @@ def test_status_command(smoke, monkeypatch, capsys):
 
 def test_confirm_stage_and_rerun(smoke, monkeypatch, capsys):
     runs, _, _ = smoke
-    proc = run_amdim(runs, "study", "confirm", "smoke", "--top", "1", "--seeds", "2")
+    # The best configuration and the labelled setting ("paper default"), 2 new seeds each: the
+    # report's verdicts then compare two seeds with two (test_report_from_the_recorded_study).
+    proc = run_amdim(runs, "study", "confirm", "smoke", "--top", "1", "--settings", "--seeds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, parent, children = _children(runs, "smoke")
     confirm = [r for r in children if r.data.tags["stage"] == "confirm"]
-    assert len(confirm) == 2
     best = max((t for t in _optuna(runs, "smoke").trials if t.value is not None), key=lambda t: t.value)
+    paper = [r for r in confirm if r.data.tags.get("setting") == "paper default"]
+    best_is_paper = all(r.data.tags.get("setting") == "paper default" for r in confirm)
+    assert len(paper) == 2 and len(confirm) == (2 if best_is_paper else 4)
+    assert {r.data.params["train.seed"] for r in paper} == {"2", "3"}
+    confirm = [r for r in confirm if r.data.tags["confirm_of"] == str(best.number)]
+    assert len(confirm) == 2
     for run in confirm:
         assert run.data.tags["mlflow.parentRunId"] == parent
         assert run.data.tags["confirm_of"] == str(best.number)
@@ -529,6 +536,7 @@ def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     curves = pd.read_csv(out / "curves.csv")
     assert curves["val_acc_lin"].between(0, 1).all() and curves["test_acc_lin"].between(0, 1).all()
     assert "paper default" in (out / "ablation.md").read_text()
+    _check_report_numbers_against_mlflow(out, [r for r in children if r.data.tags["state"] == "complete"])
     rc, _, err = _amdim_here(
         runs, monkeypatch, capsys, "report", "smoke", "--format", "xlsx", "--out", str(out)
     )
@@ -547,6 +555,59 @@ def test_report_from_the_recorded_study(smoke, tmp_path, monkeypatch, capsys):
     )
     assert rc == 0, err
     assert "smoke" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def _check_report_numbers_against_mlflow(out: Path, complete: list) -> None:
+    """results.csv and verdicts.csv hold what the trials' own MLflow runs say: each configuration's
+    seed count and mean (its confirm-stage runs where it has any), the ranking, and each verdict
+    (Welch's test on the runs' metrics, or no verdict with one seed)."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    def preferred(rs):
+        confirm = [r for r in rs if r.data.tags["stage"] == "confirm"]
+        return confirm or rs
+
+    by_config: dict[str, list] = {}
+    for run in complete:
+        by_config.setdefault(run.data.tags["config_id"], []).append(run)
+    results = pd.read_csv(out / "results.csv", dtype={"config_id": str})
+    assert set(results["config_id"]) == set(by_config)
+    for _, row in results.iterrows():
+        values = [r.data.metrics["probe_test_accuracy"] for r in preferred(by_config[row["config_id"]])]
+        assert row["n_seeds"] == len(values) and row["mean"] == pytest.approx(np.mean(values), abs=1e-5)
+    assert list(results["rank"]) == list(range(1, len(results) + 1))
+    assert list(results["mean"]) == sorted(results["mean"], reverse=True)
+
+    def runs_of(name: str) -> list:
+        if name.startswith("config "):
+            config_id = name.removeprefix("config ").split(":")[0]
+            return [r for r in by_config[config_id] if r.data.tags["stage"] == "confirm"]
+        return preferred([r for r in complete if r.data.tags.get("setting") == name])
+
+    metrics = {
+        "validation accuracy (offline probe)": "probe_val_accuracy",
+        "test accuracy (offline probe)": "probe_test_accuracy",
+    }
+    reference = runs_of("paper default")  # the spec's first labelled point
+    verdicts = pd.read_csv(out / "verdicts.csv", keep_default_na=False)
+    confirmed = {r.data.tags["config_id"] for r in complete if r.data.tags["stage"] == "confirm"}
+    labelled = {r.data.tags.get("config_id") for r in complete if r.data.tags.get("setting")}
+    assert len(verdicts) == 2 * len(confirmed - labelled)  # the other groups, on both metrics
+    for _, row in verdicts.iterrows():
+        key = metrics[row["metric"]]
+        a = [r.data.metrics[key] for r in runs_of(row["setting"])]
+        b = [r.data.metrics[key] for r in reference]
+        assert (row["n"], row["n_reference"]) == (len(a), len(b))
+        assert float(row["mean"]) == pytest.approx(np.mean(a), abs=1e-5)
+        if len(a) < 2 or len(b) < 2:
+            assert row["verdict"] == "one seed: no verdict" and row["p"] == ""
+        else:
+            assert float(row["p"]) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-4)
+            real = float(row["p_holm"]) < 0.05
+            sign = "better" if np.mean(a) > np.mean(b) else "worse"
+            assert row["verdict"] == (sign if real else "no detectable difference")
 
 
 def test_export_takes_the_best_configuration_out_and_probe_and_segment_find_checkpoints_by_run(

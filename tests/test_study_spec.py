@@ -13,7 +13,7 @@ from amdim import cli
 from amdim.harness.study_spec import SpecError, canonical, load_spec, parse_spec, smoke_variant
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-SHIPPED = ["smoke", "augmentation", "nce", "multiscale", "mixture", "full"]
+SHIPPED = ["smoke", "augmentation", "nce", "multiscale", "mixture", "full", "optimiser"]
 
 
 def _good() -> dict:
@@ -28,6 +28,18 @@ def test_shipped_specs_parse_and_shrink(name):
     assert small.keys == spec.keys and small.budget.epochs == 2 and small.base.model.ndf == 16
     for point in spec.points:  # every listed paper setting builds a valid config
         spec.trial_config(point)
+
+
+def test_the_optimiser_spec_searches_two_decades_of_learning_rate_around_the_papers():
+    spec = load_spec(STUDIES / "optimiser.yaml", {"data.spec": "synthetic"})
+    search = {p.key: p for p in spec.search}
+    lr = search["optim.lr"]
+    assert lr.log and lr.high / lr.low >= 100 and lr.low < 2e-4 < lr.high
+    assert {"optim.weight_decay", "optim.warmup_steps"} <= set(search)
+    (paper,) = spec.points  # the paper's values, labelled and evaluated first
+    assert spec.point_labels == ("paper default",)
+    assert (paper["optim.lr"], paper["optim.weight_decay"], paper["optim.beta1"]) == (2e-4, 1e-5, 0.8)
+    assert spec.sampler.n_startup_trials < 10  # TPE's default 10 would be most of the budget
 
 
 @pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing", "minute"])
@@ -360,9 +372,28 @@ def test_confirm_settings_reruns_every_labelled_setting_with_new_seeds(isolated)
         assert all(r.get("_source_trial") == (i if i < 2 else None) for r in runs)
 
 
-def test_confirm_settings_takes_no_top(isolated, capsys):
-    assert cli.main(["study", "confirm", "nce", "--settings", "--top", "2"]) == 2
-    assert "--settings confirms every labelled setting" in capsys.readouterr().err
+def test_confirm_top_and_settings_reruns_the_best_and_every_labelled_setting_once(isolated):
+    """``study confirm NAME --top 2 --settings``: the two best configurations, then every
+    labelled setting that is not one of them (the paper's values beside the search's best)."""
+    import optuna
+
+    from amdim.harness.study.layout import optuna_url, study_dir
+    from amdim.harness.study.runner import confirm_selection
+
+    spec = load_spec(STUDIES / "nce.yaml", {"data.spec": "synthetic"})
+    study_dir("nce").mkdir(parents=True)
+    study = optuna.create_study(study_name="nce", storage=optuna_url("nce"), direction="maximize")
+    dists = {p.key: optuna.distributions.FloatDistribution(0.0, 0.2) for p in spec.search[:1]}
+    dists["loss.tclip"] = optuna.distributions.CategoricalDistribution(list(spec.search[1].values))
+    best_sampled = {**spec.points[0], spec.search[0].key: 0.123}
+    for value, point in ((0.9, best_sampled), (0.8, spec.points[1]), (0.1, spec.points[0])):
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=dists, value=value))
+    points = confirm_selection(spec, 2, 3, settings=True)
+    configs = [{k: p[k] for k in spec.keys} for p in points[::3]]
+    # the best two (a sampled one and the second labelled setting), then the other settings once each
+    assert configs == [best_sampled, spec.points[1], spec.points[0], *spec.points[2:]]
+    assert len(points) == 3 * (1 + len(spec.points))
+    assert confirm_selection(spec, 2, 3, settings=False) == points[:6]
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "smoke"])

@@ -410,26 +410,41 @@ def settings_points(spec: StudySpec, seeds: int) -> list[dict[str, Any]]:
     return out
 
 
+def confirm_selection(spec: StudySpec, top: int | None, seeds: int, settings: bool) -> list[dict[str, Any]]:
+    """The confirm stage's runs: the ``top`` best (:func:`confirm_points`), every labelled setting
+    (:func:`settings_points`), or with both the best and then every labelled setting not among them."""
+    if not settings:
+        return confirm_points(spec, top, seeds)
+    if top is None:
+        return settings_points(spec, seeds)
+    points = confirm_points(spec, top, seeds)
+    chosen = [{k: p[k] for k in spec.keys} for p in points]
+    return points + [p for p in settings_points(spec, seeds) if {k: p[k] for k in spec.keys} not in chosen]
+
+
 def run_confirm(
     name: str, top: int | None, seeds: int | None, *, settings: bool = False, log=print
 ) -> dict[str, Any]:
     """The confirm stage: the ``top`` best configurations of the search (or, with ``settings``,
-    every labelled setting of the spec), each trained again with ``seeds`` new seeds."""
+    every labelled setting of the spec; with both, the ``top`` best and every labelled setting not
+    among them), each trained again with ``seeds`` new seeds."""
     spec = layout.load_study_spec(name)
-    top = None if settings else (top or spec.confirm.top)
+    top = top if settings else (top or spec.confirm.top)
     seeds = seeds or spec.confirm.seeds
     if (top is not None and top < 1) or seeds < 1:
         raise UserError(f"--top and --seeds must be >= 1, got {top} and {seeds}")
     path = layout.study_dir(name) / "confirm.json"
-    mode = "settings" if settings else "top"
+    mode = ("top+settings" if top is not None else "settings") if settings else "top"
     if path.is_file():
         stored = layout.read_json(path)
         if (stored.get("mode", "top"), stored["top"], stored["seeds"]) != (mode, top, seeds):
-            ran = "--settings" if stored.get("mode") == "settings" else f"--top {stored['top']}"
+            ran = {"settings": "--settings", "top+settings": f"--top {stored['top']} --settings"}.get(
+                stored.get("mode", "top"), f"--top {stored['top']}"
+            )
             raise UserError(f"the confirm stage of '{name}' already ran with {ran} --seeds {stored['seeds']}")
         points = stored["points"]  # the same trials, even if the search changed its ranking since
     else:
-        points = settings_points(spec, seeds) if settings else confirm_points(spec, top, seeds)
+        points = confirm_selection(spec, top, seeds, settings)
         layout.study_dir(name).mkdir(parents=True, exist_ok=True)
         layout.write_json(path, {"mode": mode, "top": top, "seeds": seeds, "points": points})
     return run_stage(spec, "confirm", True, log, confirm=points)
