@@ -559,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("amdim: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`amdim config | head`): stop quietly, as Unix tools do
+        # Python would report the pipe again when it flushes stdout at exit: point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,3 +30,15 @@ def test_help_is_plain_text(capsys):
             texts += [sub.format_help() for sub in action.choices.values()]
     for text in texts:
         assert "``" not in text and ":func:" not in text, text[:400]
+
+
+def test_a_reader_that_goes_away_stops_amdim_quietly():
+    """`amdim config | head -1`: the pipe closes under amdim; it stops without a traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys; from amdim.cli import main; sys.exit(main(['config', '--preset', 'tiny']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before amdim writes a line: its first print meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
