@@ -9,8 +9,9 @@ by assumption:
   emulates it and a bf16 step ran 7.5x slower than fp32 (a 2-core AVX2 AMD EPYC, issue 14).
 * ``train.matmul_precision=auto``: TF32 tensor cores for the fp32 matmuls on CUDA (the NCE score
   matmul runs in fp32 even under autocast, spec 11.2); full fp32 on a CPU, which has no TF32.
-  ``bf16`` gives the NCE score matmul bf16 inputs with fp32 accumulation on any device (its loss
-  and gradients stay within 1e-2 relative of fp32: tests/test_matmul_precision.py).
+  ``bf16`` gives the NCE score matmul bf16 inputs with fp32 accumulation on any device (the loss
+  stays within 1 % of fp32's and the gradient within 1 % of its norm:
+  tests/test_matmul_precision.py).
 * ``train.channels_last=auto`` and ``optim.fused=auto``: on for the CPU, where they were at least
   as fast as the plain step on every CPU measured (docs/benchmarks.md); off on CUDA until a GPU
   measurement (``scripts/gpu-check``) shows they are at least as fast there.

@@ -20,7 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from amdim import cli
+from amdim import cli, speed
 from amdim.augment import BatchedTwoViews, TorchvisionTwoViews, stack_params
 from amdim.bench import _Stepper, baseline_config, bf16_peak_tflops, count_flops
 from amdim.config import preset, with_overrides
@@ -272,18 +272,30 @@ def test_bench_times_the_loop_amdim_train_runs(monkeypatch):
         return real_prefetcher(self)
 
     def epoch(state, batches, two_views, cfg, *args, **kwargs):
-        calls["epochs"].append((two_views is not None, cfg.train.max_steps_per_epoch))
+        calls["epochs"].append((two_views is not None, cfg.train.max_steps_per_epoch, calls["backends"][-1]))
         return real_epoch(state, batches, two_views, cfg, *args, **kwargs)
+
+    real_backends = speed.set_backends
+    calls["backends"] = []
+
+    def backends(options, device):
+        calls["backends"].append(options.matmul)
+        return real_backends(options, device)
 
     monkeypatch.setattr(augment_mod.BatchedTwoViews, "__call__", views)
     monkeypatch.setattr(data_mod, "train_loader", loader)
     monkeypatch.setattr(data_mod.DevicePrefetcher, "__iter__", prefetcher)
     monkeypatch.setattr(trainer, "train_one_epoch", epoch)
-    # 8 steps of batch 64 cycle the 256 synthetic training images (4 batches) past an epoch's end.
-    cfg = with_overrides(TINY, {"data.spec": "synthetic:n_train=256,n_test=64"})
+    monkeypatch.setattr(speed, "set_backends", backends)
+    # 8 steps of batch 64 cycle the 256 synthetic training images (4 batches) past an epoch's end;
+    # bf16 NCE scores, so that the step's backend settings differ from the fp32 baseline's.
+    cfg = with_overrides(
+        TINY, {"data.spec": "synthetic:n_train=256,n_test=64", "train.matmul_precision": "bf16"}
+    )
     run_bench(cfg, 64, "cpu", steps=6, warmup=2, data=False)
     loop_epochs = [e for e in calls["epochs"] if e[1] == 8]
     assert len(loop_epochs) == 1 and loop_epochs[0][0]  # one loop of 8 steps, views made on the device
+    assert loop_epochs[0][2] == "bf16"  # with the step's own backend settings, not the baseline's last
     # one fixed batch for the step timings, then one per step of the loop (the augmentation runs in
     # it), and the loader's epochs cycled through one prefetcher
     assert calls["views"] == 1 + 8
