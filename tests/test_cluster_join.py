@@ -122,7 +122,7 @@ def test_a_gpu_study_scales_up_an_autoscaling_cluster(tmp_path):
     nodes = Nodes(tmp_path, env)
     port = free_port()
     ip = subprocess.run(
-        [sys.executable, "-c", "import ray._private.services as s; print(s.get_node_ip_address())"],
+        [sys.executable, "-c", "import ray.util; print(ray.util.get_node_ip_address())"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     config = home / "ray_bootstrap_config.yaml"  # where `ray up` leaves it on the head

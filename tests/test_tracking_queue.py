@@ -88,3 +88,34 @@ def test_the_queue_sends_in_order_and_finds_its_run_again(tmp_path):
     )
     assert len(runs) == 1
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "restarted_at_epoch")] == [1, 2]
+
+
+def test_a_run_recorded_by_older_code_takes_the_resumed_trials_writes(tmp_path):
+    """A trial resumed by newer code rebuilds its config with that code's keys and defaults: its
+    run keeps the parameters it recorded (MLflow's are immutable), gains the new keys, names what
+    differs in a tag, and every later write still arrives (a slow cross-version resume test once
+    lost a whole study's records to the refused parameter)."""
+    from amdim.harness.tracking_queue import PARAMS_CHANGED
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("exp")).info.run_id
+    key = RunKey(uri, experiment="exp", parent=parent, tune_trial_id="t1")
+    old = TrackingQueue(tmp_path / "spool")
+    old.ensure(key, "search-t1", {"data.num_workers": 0, "optim.lr": 2e-4}, {"stage": "search"})
+    assert old.close(timeout=30) is None
+    new = TrackingQueue(tmp_path / "spool")
+    new.ensure(key, "search-t1", {"data.num_workers": -1, "optim.lr": 2e-4, "train.matmul_precision": "auto"},
+               {"stage": "search"})  # fmt: skip
+    new.metrics(key, {"loss": 0.5}, step=2)
+    new.terminate(key, "FINISHED", {"state": "complete"})
+    assert new.close(timeout=30) is None  # nothing left in the spool
+    (run,) = client.search_runs([run.info.experiment_id for run in [client.get_run(parent)]],
+                                filter_string="tags.tune_trial_id = 't1'")  # fmt: skip
+    assert run.data.params == {
+        "data.num_workers": "0",
+        "optim.lr": "0.0002",
+        "train.matmul_precision": "auto",
+    }
+    assert run.data.tags[PARAMS_CHANGED] == "data.num_workers: 0 -> -1"
+    assert run.data.metrics["loss"] == 0.5 and run.info.status == "FINISHED"

@@ -70,6 +70,10 @@ class _Op:
         return {"key": self.key.as_dict(), "kind": self.kind, "args": self.args}
 
 
+PARAMS_CHANGED = "params_changed_on_resume"
+"""Tag of a run resumed with parameter values other than it recorded ("key: recorded -> new; ...")."""
+
+
 class _Sender:
     """Performs one write against MLflow; keeps the run ids it has resolved."""
 
@@ -114,10 +118,19 @@ class _Sender:
         client = mlflow.MlflowClient(op.key.uri)
         a = op.args
         if op.kind == "ensure":  # found or created above; its parameters and tags, again or first
-            params = [Param(k, str(v)) for k, v in a["params"].items()]
+            # MLflow's parameters are immutable, and a trial resumed by newer code may carry a key
+            # that code added or a default it changed: the run keeps what it recorded, gains the
+            # new keys, and says what differs in a tag, rather than refusing every later write.
+            recorded = client.get_run(run_id).data.params
+            wanted = {k: str(v) for k, v in a["params"].items()}
+            params = [Param(k, v) for k, v in wanted.items() if k not in recorded]
             for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
                 client.log_batch(run_id, params=params[i : i + 100])
-            _set_tags(client, run_id, a["tags"])
+            changed = sorted(
+                f"{k}: {recorded[k]} -> {v}" for k, v in wanted.items() if recorded.get(k, v) != v
+            )
+            tags = {**a["tags"], **({PARAMS_CHANGED: "; ".join(changed)[:5000]} if changed else {})}
+            _set_tags(client, run_id, tags)
         elif op.kind == "status":
             client.update_run(run_id, status=a["status"])
         elif op.kind == "metrics":
