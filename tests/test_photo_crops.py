@@ -133,3 +133,21 @@ def test_auto_workers_decode_photos_in_parallel_and_leave_memory_data_alone(monk
     assert loader_workers(-1, photos) == 3 and loader_workers(-1, torch.zeros(1, 3, 8, 8)) == 0
     assert loader_workers(2, torch.zeros(1, 3, 8, 8)) == 2
     assert data_mod.DataConfig().num_workers == -1
+
+
+def test_the_per_image_reference_path_crops_the_whole_photo_too(tmp_path):
+    """aug.impl=torchvision on an image folder: TorchvisionTwoViews gets the whole photo (not the
+    centre square) and returns normalised float views at the model's size."""
+    # wide photos only: their centre square spans column codes 0.3-0.7
+    b = load_data(f"imagefolder:{make_photo_folder(tmp_path, sizes=[(300, 120)])}", image_size=32)
+    tv = replace(AUG_IMAGENET, impl="torchvision", flip_p=0.0, jitter_p=0.0, gray_p=0.0)
+    reached = set()
+    for epoch in range(12):
+        v1, v2, _ = next(
+            iter(train_loader(b, DataConfig(batch_size=3, num_workers=0), tv, 32, seed=0, epoch=epoch))
+        )
+        assert v1.dtype == torch.float32 and v1.shape == v2.shape == (3, 3, 32, 32)
+        red = v1[:, 0] * b.std[0] + b.mean[0]  # back to [0, 1]: the column code of each pixel
+        reached |= {round(float(red.min()), 1), round(float(red.max()), 1)}
+    # the crops reach columns near both edges, beyond the centre square
+    assert min(reached) <= 0.1 and max(reached) >= 0.9
