@@ -449,12 +449,10 @@ class BatchedTwoViews(_TwoViews):
         flip and crop were made already (uint8 (B, 3, out, out) each: photos from an image folder,
         cropped in the loader workers, see :class:`amdim.data.PhotoCrops`)."""
         with torch.autocast(v1.device.type, enabled=False):
-            out = []
-            for v in (v1, v2):
-                p = self._sample_colour(v.shape[0], v.device, generator)
-                x = self._jitter(_to_float(v), p)
-                x = torch.where(p["gray"][:, None, None, None], _gray(x).expand_as(x), x)
-                out.append(_normalize(x, self.mean, self.std))
+            out = [
+                self._colour(_to_float(v), self._sample_colour(v.shape[0], v.device, generator))
+                for v in (v1, v2)
+            ]
         return out[0], out[1]
 
     def _sample_crops(
@@ -499,6 +497,10 @@ class BatchedTwoViews(_TwoViews):
             x = _resized_crop(x, p["crop"], out)
         else:
             x = _translate(_resize_exact(x, out), p["translate"], self.cfg.translate_px)
+        return self._colour(x, p)
+
+    def _colour(self, x: Tensor, p: Params) -> Tensor:
+        """Steps 2-4 on float views in [0, 1]: jitter, grayscale, normalise."""
         x = self._jitter(x, p)
         x = torch.where(p["gray"][:, None, None, None], _gray(x).expand_as(x), x)
         return _normalize(x, self.mean, self.std)

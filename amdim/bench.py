@@ -62,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from amdim import data as data_mod
 from amdim import speed, trainer
-from amdim.augment import BatchedTwoViews, build_two_views
+from amdim.augment import BatchedTwoViews
 from amdim.config import Config, from_flat, to_flat, with_overrides
 from amdim.errors import UserError
 from amdim.model import AMDIM
@@ -182,11 +182,6 @@ def _loader_batches(cfg: Config, bundle: data_mod.DataBundle, dev: torch.device)
         epoch += 1
 
 
-def _two_views(cfg: Config, bundle: data_mod.DataBundle):
-    views = build_two_views(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
-    return views if cfg.aug.impl == "batched" else None
-
-
 def _train_loop(
     cfg: Config, bundle: data_mod.DataBundle, dev: torch.device, steps: int, warmup: int
 ) -> float:
@@ -207,7 +202,7 @@ def _train_loop(
     trainer.train_one_epoch(
         stepper.state,
         iter(batches),
-        _two_views(cfg, bundle),
+        trainer.device_views(cfg, bundle),
         cfg,
         dev,
         stepper.dist,
@@ -220,7 +215,7 @@ def _train_loop(
 def _data_path(cfg: Config, bundle: data_mod.DataBundle, dev: torch.device, steps: int, warmup: int) -> float:
     """Wall seconds of ``steps`` batches through the loop's data path with no model: loader ->
     prefetcher -> both views on the device, synchronised at the ends of the window."""
-    two_views = _two_views(cfg, bundle)
+    two_views = trainer.device_views(cfg, bundle)
     gen = data_mod.augment_generator(cfg.train.seed, 0, 0, dev)
     it = iter(data_mod.DevicePrefetcher(_loader_batches(cfg, bundle, dev), dev))
     t0 = 0.0
@@ -238,17 +233,7 @@ def _data_torchvision(
 ) -> list[float]:
     """Per-batch wall times of the per-image torchvision path: train_loader batches (per-image
     seeding, sampling, transforms and collation, in ``data.num_workers`` workers) to the device."""
-    tv_cfg = replace(cfg, aug=replace(cfg.aug, impl="torchvision"))
-
-    def batches():
-        epoch = 0
-        while True:
-            yield from data_mod.train_loader(
-                bundle, tv_cfg.data, tv_cfg.aug, cfg.model.image_size, seed=cfg.train.seed, epoch=epoch
-            )
-            epoch += 1
-
-    it = batches()
+    it = _loader_batches(replace(cfg, aug=replace(cfg.aug, impl="torchvision")), bundle, device)
 
     def one() -> None:
         x1, x2, _ = next(it)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from amdim import checkpoint as ckpt_io
 from amdim import data as data_mod
 from amdim import speed
-from amdim.augment import build_two_views
+from amdim.augment import BatchedTwoViews, build_two_views
 from amdim.config import Config, to_flat
 from amdim.distributed import all_gather_with_grad
 from amdim.errors import DivergedError, UserError
@@ -172,6 +172,14 @@ def model_from_checkpoint(
         msg = str(exc).strip().splitlines()[0][:160]
         raise ckpt_io.CheckpointError(f"checkpoint weights do not match its config ({msg})") from None
     return model.to(device), cfg
+
+
+def device_views(cfg: Config, bundle: data_mod.DataBundle) -> BatchedTwoViews | None:
+    """The augmentation the training loop runs on the device (``aug.impl=batched``), or None when
+    the loader workers make the views (``torchvision``)."""
+    if cfg.aug.impl != "batched":
+        return None
+    return build_two_views(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
 
 
 def views_on_device(
@@ -436,8 +444,7 @@ def fit(
     state = TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
     if resume is not None:
         restore(state, resume)
-    two_views = build_two_views(cfg.aug, cfg.model.image_size, bundle.mean, bundle.std)
-    two_views = two_views if cfg.aug.impl == "batched" else None
+    two_views = device_views(cfg, bundle)
 
     while state.epoch < cfg.train.epochs:
         torch.manual_seed(epoch_seed(cfg.train.seed, state.epoch, dist.rank))

@@ -115,12 +115,11 @@ def seeds_for_power(
 def comparison_groups(trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Name -> complete runs: every labelled setting, then every confirm-stage configuration
     without a label (named by its sampled values)."""
+    has_label = trials["setting"].map(lambda s: isinstance(s, str) and bool(s))
     done = trials[trials["state"] == "complete"]
+    labelled = done[has_label[done.index]]
     groups: dict[str, pd.DataFrame] = {}
-    labelled = done[done["setting"].map(lambda s: isinstance(s, str) and bool(s))]
-    for setting in dict.fromkeys(
-        trials.loc[trials["setting"].map(lambda s: isinstance(s, str) and bool(s)), "setting"]
-    ):
+    for setting in dict.fromkeys(trials.loc[has_label, "setting"]):
         groups[setting] = _preferred_stage(labelled[labelled["setting"] == setting])
     keys = [c.removeprefix(PARAM_PREFIX) for c in param_columns(trials)]
     confirm = done[(done["stage"] == "confirm") & ~done.index.isin(labelled.index)]
