@@ -297,27 +297,32 @@ def test_asha_never_cuts_a_trial_at_its_last_epoch(epochs, grace, rf):
     trials after training but before their offline probe. The study's ASHA, made of Ray's public
     parameters alone, has exactly the rungs grace * rf**k below the last epoch (where
     last_epoch - 1 is itself such a rung too: 243 = 3**5, 1000 = 10**3), and lets a trial reach
-    its last epoch."""
+    its last epoch. The rungs are read through the scheduler's public decisions: after a good
+    trial has passed every epoch, a worse trial is told to stop exactly at each rung it reaches."""
+    from ray.tune.schedulers import TrialScheduler
+
     from amdim.harness.study.search import asha
 
     sched = asha(
         last_epoch=epochs, grace_period=grace, reduction_factor=rf, metric="test_acc_lin", mode="max"
     )
-    (bracket,) = sched._brackets  # read here only, to check the rungs
-    assert sorted(m for m, _ in bracket._rungs) == [
-        grace * rf**k for k in range(40) if grace * rf**k < epochs
-    ]
-    from ray.tune.schedulers import TrialScheduler
 
     class Trial:
-        trial_id = "t"
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
 
-    sched.on_trial_add(None, Trial())
-    # A trial that reaches the last epoch is not stopped for it (nor at any rung when it is the best).
-    assert (
-        sched.on_trial_result(None, Trial(), {"epoch": epochs, "test_acc_lin": 1.0})
-        == TrialScheduler.CONTINUE
-    )
+    good, worse = Trial("good"), Trial("worse")
+    for trial in (good, worse):
+        sched.on_trial_add(None, trial)
+    for epoch in range(1, epochs + 1):  # the best trial is never stopped, its last epoch included
+        result = {"epoch": epoch, "test_acc_lin": 1.0}
+        assert sched.on_trial_result(None, good, result) == TrialScheduler.CONTINUE
+    stopped_at = [
+        epoch
+        for epoch in range(1, epochs + 1)
+        if sched.on_trial_result(None, worse, {"epoch": epoch, "test_acc_lin": 0.0}) == TrialScheduler.STOP
+    ]
+    assert stopped_at == [grace * rf**k for k in range(40) if grace * rf**k < epochs]
 
 
 def test_spec_sets_override_spec_fields_and_nothing_else(tmp_path):
