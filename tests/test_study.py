@@ -193,6 +193,16 @@ def test_status_command(smoke, monkeypatch, capsys):
     assert status["best"]["number"] >= 0
     _, text, _ = _amdim_here(runs, monkeypatch, capsys, "study", "status", "smoke")
     assert "search:" in text and "best: trial" in text and "search stage: finished" in text
+    assert "refused" not in text
+    # A write the tracking server refused (kept for a person to read) is counted.
+    refused = runs / "studies" / "smoke" / "tracking-spool" / "refused" / "1.jsonl"
+    refused.parent.mkdir(parents=True, exist_ok=True)
+    refused.write_text('{"kind": "metrics", "refused": "MlflowException: run deleted"}\n')
+    try:
+        _, text, _ = _amdim_here(runs, monkeypatch, capsys, "study", "status", "smoke")
+        assert "1 trial record(s) refused by the tracking server" in text, text
+    finally:
+        refused.unlink()
     # With the tracking server down, the study's state still shows, from its folder and Optuna.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     capsys.readouterr()

@@ -119,3 +119,61 @@ def test_a_run_recorded_by_older_code_takes_the_resumed_trials_writes(tmp_path):
     }
     assert run.data.tags[PARAMS_CHANGED] == "data.num_workers: 0 -> -1"
     assert run.data.metrics["loss"] == 0.5 and run.info.status == "FINISHED"
+
+
+def _refused_lines(spool):
+    return [
+        json.loads(ln)
+        for p in sorted((spool / "refused").glob("*.jsonl"))
+        for ln in p.read_text().splitlines()
+    ]
+
+
+def test_a_write_the_server_refuses_does_not_hold_back_the_writes_behind_it(tmp_path):
+    """A run deleted while its trial trains (someone tidying the MLflow UI) refuses every later
+    write, and a run whose creation is refused (its experiment was deleted) has nowhere to take its
+    writes: neither is retried,
+    each is kept with the server's answer under refused/, and the other runs' writes still arrive,
+    in the queue and in the spool's replay alike."""
+    from amdim.harness.tracking_queue import refused_writes
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("exp")
+    parent = client.create_run(exp).info.run_id
+    gone, kept = (client.create_run(exp).info.run_id for _ in range(2))
+    client.delete_run(gone)
+    client.delete_experiment(client.create_experiment("deleted"))
+    bad_trial = RunKey(uri, experiment="deleted", parent=parent, tune_trial_id="t-bad")
+    spool, lines = tmp_path / "spool", []
+    records = TrackingQueue(spool, log=lines.append)
+    records.ensure(bad_trial, "search-t-bad", {"a": 1}, {"stage": "search"})
+    records.metrics(bad_trial, {"loss": 1.0}, step=1)
+    for step in (1, 2):
+        records.metrics(RunKey(uri, run_id=gone), {"loss": 1.0}, step=step)
+    records.metrics(RunKey(uri, run_id=kept), {"loss": 0.25}, step=1)
+    records.terminate(RunKey(uri, run_id=kept), "FINISHED")
+    assert records.close(timeout=30) is None  # nothing waits in the spool: the rest was sent
+    assert [m.value for m in client.get_metric_history(kept, "loss")] == [0.25]
+    assert client.get_run(kept).info.status == "FINISHED"
+    refused = _refused_lines(spool)
+    assert [(r["kind"], r["key"].get("run_id")) for r in refused] == [
+        ("ensure", None),
+        ("metrics", None),
+        ("metrics", gone),
+        ("metrics", gone),
+    ]
+    assert "MlflowException" in refused[0]["refused"] and "RefusedRun" in refused[1]["refused"]
+    assert refused_writes(spool) == 4
+    assert len(lines) == 2 and all("refused" in line and "not retried" in line for line in lines)
+
+    # The same writes spooled (a server that was down when the trial ended): replay sends the
+    # good ones, keeps the refused ones, and empties the spool.
+    kept2 = client.create_run(exp).info.run_id
+    (spool / "1-trial.jsonl").write_text("".join(
+        json.dumps({"key": key.as_dict(), "kind": "metrics", "args": {"metrics": [["loss", v, 1000, 1]]}}) + "\n"
+        for key, v in [(RunKey(uri, run_id=gone), 1.0), (RunKey(uri, run_id=kept2), 0.5)]
+    ))  # fmt: skip
+    assert replay(spool) == (1, 0) and not spooled(spool)
+    assert [m.value for m in client.get_metric_history(kept2, "loss")] == [0.5]
+    assert refused_writes(spool) == 5

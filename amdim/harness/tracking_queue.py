@@ -19,6 +19,11 @@ its parent run and Tune trial id, so that a trial can start and train while its 
 be created yet (the first write creates it, or finds it after a restart: never a duplicate).
 Every write is idempotent (MLflow keeps one copy of a metric logged twice with the same
 timestamp), so a write sent twice (spooled while its first send was still under way) is harmless.
+
+A write the server answers and refuses (an invalid value, a run deleted meanwhile: see
+:func:`refused`) would be refused again, so it is not retried: it goes to ``tracking-spool/refused/``
+with the server's answer, one line says so, and the writes behind it go on (retrying it would hold
+back every later write of the process, and a spool file holding it would never be sent).
 """
 
 from __future__ import annotations
@@ -36,6 +41,31 @@ from pathlib import Path
 from typing import Any
 
 SPOOL = "tracking-spool"
+REFUSED = "refused"  # the spool's subfolder of writes the server refused
+
+# MLflow's error codes for a request the server understood and will refuse every time. A server
+# that is down, overloaded or failing (INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ...), and an
+# endpoint that is not found (a proxy in front of a server that is still starting), are retried.
+_REFUSALS = frozenset(
+    {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
+)
+
+
+class RefusedRun(Exception):
+    """A write for a run whose creation the server refused."""
+
+
+def refused(exc: BaseException) -> bool:
+    """True when ``exc`` is the tracking server's refusal of the write itself, which sending it
+    again would not change (MLflow's public ``MlflowException.error_code``)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, RefusedRun) or (isinstance(exc, MlflowException) and exc.error_code in _REFUSALS)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def flush_seconds() -> float:
@@ -79,12 +109,15 @@ class _Sender:
 
     def __init__(self) -> None:
         self._ids: dict[RunKey, str] = {}
+        self.refused_runs: set[RunKey] = set()  # keys whose run the server refused to create
 
     def run_id(self, key: RunKey, create: dict[str, Any] | None = None) -> str | None:
         if key.run_id:
             return key.run_id
         if key in self._ids:
             return self._ids[key]
+        if key in self.refused_runs:
+            raise RefusedRun(f"the tracking server refused to create the run of trial {key.tune_trial_id}")
         import mlflow
 
         client = mlflow.MlflowClient(key.uri)
@@ -112,7 +145,12 @@ class _Sender:
         import mlflow
         from mlflow.entities import Metric, Param
 
-        run_id = self.run_id(op.key, op.args if op.kind == "ensure" else None)
+        try:
+            run_id = self.run_id(op.key, op.args if op.kind == "ensure" else None)
+        except Exception as exc:
+            if op.kind == "ensure" and refused(exc) and not isinstance(exc, RefusedRun):
+                self.refused_runs.add(op.key)
+            raise
         if run_id is None:
             raise LookupError(f"no MLflow run yet for trial {op.key.tune_trial_id}")
         client = mlflow.MlflowClient(op.key.uri)
@@ -175,6 +213,7 @@ class TrackingQueue:
         self._pending: list[_Op] = []
         self._lock = threading.Lock()
         self._sender = _Sender()
+        self._refused_keys: set[RunKey] = set()
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="amdim-tracking", daemon=True)
         self._thread.start()
@@ -224,6 +263,10 @@ class TrackingQueue:
                     self._sender.send(op)
                     op.done.set()
                 except Exception as exc:  # the server is down, or the run is not there yet
+                    if refused(exc):  # ... or it refuses this write: sending it again changes nothing
+                        self._refuse(op, exc)
+                        op.done.set()
+                        break
                     op.attempts += 1
                     op.no_run = isinstance(exc, LookupError)
                     if not op.no_run:
@@ -233,6 +276,17 @@ class TrackingQueue:
                     delay = 1.0 if op.no_run else min(delay * 2, 30.0)
             with self._lock:
                 self._pending.remove(op)
+
+    def _refuse(self, op: _Op, exc: BaseException) -> None:
+        path = keep_refused(self.spool_dir, [(op, exc)])
+        if op.key not in self._refused_keys:  # one line per run: a deleted run refuses every write
+            self._refused_keys.add(op.key)
+            where = f"kept in {path}" if path else "dropped"
+            run = op.key.run_id or f"trial {op.key.tune_trial_id}"
+            why = _first_line(exc)
+            self.log(
+                f"amdim: the tracking server refused a {op.kind} write for {run} ({why}); {where}, not retried"
+            )
 
     def resolved(self, key: RunKey, timeout: float) -> str | None:
         """The run id of ``key`` once this queue's writes for it so far are sent (its ``ensure``
@@ -314,13 +368,40 @@ def spooled(spool_dir: Path) -> list[Path]:
     return sorted(spool_dir.glob("*.jsonl")) if spool_dir.is_dir() else []
 
 
+def refused_writes(spool_dir: Path) -> int:
+    """How many writes the tracking server refused (kept in ``spool_dir/refused/``)."""
+    folder = spool_dir / REFUSED
+    if not folder.is_dir():
+        return 0
+    return sum(len([ln for ln in p.read_text().splitlines() if ln.strip()]) for p in folder.glob("*.jsonl"))
+
+
+def keep_refused(spool_dir: Path | None, ops: list[tuple[_Op, BaseException]]) -> Path | None:
+    """Append refused writes, each with the server's answer, to a file of ``spool_dir/refused/``
+    (for a person to read: nothing sends them again)."""
+    if spool_dir is None or not ops:
+        return None
+    import socket
+
+    path = spool_dir / REFUSED / f"{socket.gethostname()}-{os.getpid()}.jsonl"  # one writer per file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for op, exc in ops:
+                f.write(json.dumps({**op.to_json(), "refused": _first_line(exc), "at": time.time()}) + "\n")
+    except OSError:  # the study folder is not writable: the log line is all that is left of it
+        return None
+    return path
+
+
 def replay(spool_dir: Path) -> tuple[int, int]:
     """Send the spooled writes: first every file's ``ensure`` writes (which find or create the
     runs, whichever process spooled them), then each file's other writes in the order they were
     made. A file is removed once all of its writes are sent, and each run that received late
     writes is tagged ``tracking=late``; a write for a run that was never created (its trial ended
-    before it made one) is dropped. Returns ``(files sent, files left)``. Never raises: with the
-    server still down, everything stays for the next call."""
+    before it made one) is dropped; a write the server refuses goes to ``refused/`` (see
+    :func:`refused`) and the rest are sent. Returns ``(files sent, files left)``. Never raises: with
+    the server still down, everything stays for the next call."""
     from amdim.errors import UserError
     from amdim.harness.tracking import check_tracking
 
@@ -338,21 +419,29 @@ def replay(spool_dir: Path) -> tuple[int, int]:
     except UserError:
         return 0, len(files)
     sender, sent = _Sender(), 0
+
+    def send(op: _Op) -> bool:
+        try:
+            sender.send(op)
+            return True
+        except LookupError:
+            return False
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            keep_refused(spool_dir, [(op, exc)])
+            return False
+
     try:
         for _, ops in batches:
             for op in ops:
                 if op.kind == "ensure":
-                    sender.send(op)
+                    send(op)
         for path, ops in batches:
             late = set()
             for op in ops:
-                if op.kind == "ensure":
-                    continue
-                try:
-                    sender.send(op)
-                except LookupError:
-                    continue
-                late.add((op.key.uri, sender.run_id(op.key)))
+                if op.kind != "ensure" and send(op):
+                    late.add((op.key.uri, sender.run_id(op.key)))
             import mlflow
 
             for uri, run_id in late:

@@ -82,7 +82,7 @@ def study_status(name: str) -> dict[str, Any]:
 
     import optuna
 
-    from amdim.harness.tracking_queue import spooled
+    from amdim.harness.tracking_queue import refused_writes, spooled
 
     spec = layout.load_study_spec(name)
     out: dict[str, Any] = {"study": name, "folder": str(layout.study_dir(name)), "stages": {}}
@@ -92,6 +92,7 @@ def study_status(name: str) -> dict[str, Any]:
             k: layout.stage_state(v) for k, v in layout.read_json(state_path).get("stages", {}).items()
         }
     out["spooled"] = len(spooled(layout.study_dir(name) / SPOOL))
+    out["refused"] = refused_writes(layout.study_dir(name) / SPOOL)
     try:
         tracking.check_tracking(tracking.tracking_uri())
         _, _, runs = study_runs(name)
@@ -124,6 +125,11 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(
             f"  {status['spooled']} batch(es) of trial records not yet in MLflow (the tracking server did not "
             "answer); sent by the next study command"
+        )
+    if status.get("refused"):
+        lines.append(
+            f"  {status['refused']} trial record(s) refused by the tracking server (a deleted run or "
+            f"experiment?), kept with its answers in {status['folder']}/{SPOOL}/refused/"
         )
     if status.get("mlflow_error"):
         lines.append(f"  MLflow: {status['mlflow_error']}; trial states from Optuna only")
