@@ -710,11 +710,12 @@ def test_dashboard_serves_the_study_on_localhost(smoke):
 
 
 def _interrupt_when_a_trial_ended_and_another_checkpointed(
-    runs: Path, name: str, path: str, proc
+    runs: Path, name: str, path: str, proc, every_trial: int = 0
 ) -> tuple[list[str], list[str]]:
-    """Wait until one trial has ended and a running one has a checkpoint Tune would resume from,
-    then press Ctrl-C: SIGINT to the driver's whole process group, as a terminal sends it.
-    Returns the Tune trial ids that were running then, and those of them with a checkpoint."""
+    """Wait until one trial has ended and a running one has a checkpoint Tune would resume from
+    (and, given ``every_trial``, until that many trials have started), then press Ctrl-C: SIGINT
+    to the driver's whole process group, as a terminal sends it. Returns the Tune trial ids that
+    were running then, and those of them with a checkpoint."""
     sdir = runs / "studies" / name
     found: dict[str, list[str]] = {}
 
@@ -732,7 +733,8 @@ def _interrupt_when_a_trial_ended_and_another_checkpointed(
         ]
         found["running"] = running
         found["saved"] = [tid for tid in running if _checkpoint_saved(sdir, path, tid)]
-        return any(t.state.is_finished() for t in trials) and bool(found["saved"])
+        started = len(trials) >= every_trial
+        return started and any(t.state.is_finished() for t in trials) and bool(found["saved"])
 
     _wait_for(ready, 300, proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -758,7 +760,11 @@ def test_ctrl_c_then_the_same_command_finishes_the_study(tmp_path, path, monkeyp
     command = ("study", "run", str(spec_path), *SMOKE_TEST_SIZE)
     proc = start_amdim(runs, *command, extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "2"})
     try:
-        running, saved = _interrupt_when_a_trial_ended_and_another_checkpointed(runs, name, path, proc)
+        # Once every trial has started, Tune's result grid alone cannot tell the trials Ctrl-C
+        # stopped from finished ones (it marks both TERMINATED): the case that must say interrupted.
+        running, saved = _interrupt_when_a_trial_ended_and_another_checkpointed(
+            runs, name, path, proc, every_trial=trials
+        )
         out, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:

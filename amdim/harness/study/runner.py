@@ -339,7 +339,15 @@ def run_stage(
             # The parent run's system metrics: the machine the driver runs on, over the stage.
             with tracking.system_metrics(uri, parent, spec.base.train.system_metrics_s, finish_within=5.0):
                 grid = stage_tuner.fit()
-            unfinished = grid.num_terminated + grid.num_errors < len(grid) or len(grid) < total
+            # After Ctrl-C Tune marks the trials it stopped TERMINATED like finished ones, so the
+            # grid alone cannot tell them apart once every trial has started: the callback saw
+            # which trials ended (completed, early-stopped or failed) and which did not.
+            progress = StudyProgress.current()
+            unfinished = (
+                grid.num_terminated + grid.num_errors < len(grid)
+                or len(grid) < total
+                or (progress is not None and bool(progress.unfinished()))
+            )
             state = STATE_INTERRUPTED if unfinished else "finished"
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, the stage stays resumable
             state = STATE_INTERRUPTED
