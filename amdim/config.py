@@ -271,11 +271,14 @@ _CIFAR_OPTIM = OptimConfig()
 _IMAGENET_OPTIM = OptimConfig(milestones=(30 / 50, 45 / 50))
 
 PRESETS: dict[str, Config] = {
-    # CPU demo and tests: the 32 px topology at a width a 2-core laptop trains in minutes.
+    # CPU demo and tests: the 32 px topology at a width a 2-core laptop trains in minutes. Its
+    # Adam settings are the optimiser study's best on real CIFAR-10 images at this size and a few
+    # epochs, which beat the paper's (lr 2e-4, weight decay 1e-5, beta1 0.8) by 4.6 validation
+    # points [2.6, 6.5] over 6 seeds each (docs/results.md); the larger presets keep the paper's.
     "tiny": Config(
         model=ModelConfig(ndf=32, n_rkhs=256, n_depth=1, mlp_hidden=256),
         data=DataConfig(batch_size=64),
-        optim=OptimConfig(warmup_steps=50),
+        optim=OptimConfig(lr=0.00115756, weight_decay=2.0858e-07, beta1=0.934273, warmup_steps=163),
         train=TrainConfig(epochs=3, log_every=10),
         probe=ProbeConfig(epochs=50),
     ),

@@ -39,6 +39,11 @@ def test_the_optimiser_spec_searches_two_decades_of_learning_rate_around_the_pap
     (paper,) = spec.points  # the paper's values, labelled and evaluated first
     assert spec.point_labels == ("paper default",)
     assert (paper["optim.lr"], paper["optim.weight_decay"], paper["optim.beta1"]) == (2e-4, 1e-5, 0.8)
+    # On the tiny preset too, whose own Adam settings are the tuned ones.
+    tiny = load_spec(STUDIES / "optimiser.yaml", {"data.spec": "synthetic"}, ["base.preset=tiny"])
+    assert tiny.base.optim.lr != 2e-4
+    config = tiny.trial_config(tiny.points[0])
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.beta1) == (2e-4, 1e-5, 0.8)
     assert spec.sampler.n_startup_trials < 10  # TPE's default 10 would be most of the budget
 
 
