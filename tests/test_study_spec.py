@@ -47,10 +47,13 @@ def test_the_optimiser_spec_searches_two_decades_of_learning_rate_around_the_pap
     assert spec.sampler.n_startup_trials < 10  # TPE's default 10 would be most of the budget
 
 
-@pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing", "minute"])
+@pytest.mark.parametrize("name", ["proxy-grid", "proxy-tpe", "packing", "minute", "optimiser-settle"])
 def test_benchmark_specs_parse(name):
     spec = load_spec(STUDIES / "bench" / f"{name}.yaml")
     assert spec.name == name and spec.budget.workers == 1
+    # Recorded with the paper's Adam, whatever the tiny preset's own settings are now.
+    paper = spec.trial_config(spec.points[0]) if spec.points else spec.base
+    assert (paper.optim.lr, paper.optim.weight_decay, paper.optim.beta1) == (2e-4, 1e-5, 0.8)
 
 
 def test_smoke_variant_keeps_a_given_dataset(tmp_path):
