@@ -278,7 +278,7 @@ class TrackingQueue:
                 self._pending.remove(op)
 
     def _refuse(self, op: _Op, exc: BaseException) -> None:
-        path = keep_refused(self.spool_dir, [(op, exc)])
+        path = keep_refused(self.spool_dir, op, exc)
         if op.key not in self._refused_keys:  # one line per run: a deleted run refuses every write
             self._refused_keys.add(op.key)
             where = f"kept in {path}" if path else "dropped"
@@ -376,10 +376,10 @@ def refused_writes(spool_dir: Path) -> int:
     return sum(len([ln for ln in p.read_text().splitlines() if ln.strip()]) for p in folder.glob("*.jsonl"))
 
 
-def keep_refused(spool_dir: Path | None, ops: list[tuple[_Op, BaseException]]) -> Path | None:
-    """Append refused writes, each with the server's answer, to a file of ``spool_dir/refused/``
-    (for a person to read: nothing sends them again)."""
-    if spool_dir is None or not ops:
+def keep_refused(spool_dir: Path | None, op: _Op, exc: BaseException) -> Path | None:
+    """Append a refused write, with the server's answer, to a file of ``spool_dir/refused/``
+    (for a person to read: nothing sends it again)."""
+    if spool_dir is None:
         return None
     import socket
 
@@ -387,8 +387,7 @@ def keep_refused(spool_dir: Path | None, ops: list[tuple[_Op, BaseException]]) -
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            for op, exc in ops:
-                f.write(json.dumps({**op.to_json(), "refused": _first_line(exc), "at": time.time()}) + "\n")
+            f.write(json.dumps({**op.to_json(), "refused": _first_line(exc), "at": time.time()}) + "\n")
     except OSError:  # the study folder is not writable: the log line is all that is left of it
         return None
     return path
@@ -429,7 +428,7 @@ def replay(spool_dir: Path) -> tuple[int, int]:
         except Exception as exc:
             if not refused(exc):
                 raise
-            keep_refused(spool_dir, [(op, exc)])
+            keep_refused(spool_dir, op, exc)
             return False
 
     try:
