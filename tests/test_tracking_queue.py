@@ -132,9 +132,9 @@ def _refused_lines(spool):
 def test_a_write_the_server_refuses_does_not_hold_back_the_writes_behind_it(tmp_path):
     """A run deleted while its trial trains (someone tidying the MLflow UI) refuses every later
     write, and a run whose creation is refused (its experiment was deleted) has nowhere to take its
-    writes: neither is retried,
-    each is kept with the server's answer under refused/, and the other runs' writes still arrive,
-    in the queue and in the spool's replay alike."""
+    writes: neither is retried, each is kept with the server's answer under refused/, and the other
+    runs' writes still arrive, in the queue and in the spool's replay alike. (An ``mlflow server``
+    answers these writes with the same INVALID_PARAMETER_VALUE as the SQLite store used here.)"""
     from amdim.harness.tracking_queue import refused_writes
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
