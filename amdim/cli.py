@@ -121,7 +121,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from amdim import data as data_mod
     from amdim import trainer
     from amdim.config import parse_set_args, with_overrides
-    from amdim.linear_eval import evaluate_encoder
+    from amdim.evaluate import evaluate_encoder
 
     args.checkpoint = _checkpoint_path(args)
     payload = ckpt_io.load(args.checkpoint)

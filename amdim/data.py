@@ -55,6 +55,7 @@ from amdim.dataindex import (
     require_dir,
 )
 from amdim.errors import ConfigError, DataError
+from amdim.linear_eval import stratified_split
 
 # Normalisation per dataset family (spec 5.2) and the augmentation family each one reports.
 FAMILY_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -661,8 +662,6 @@ def hold_out_online_val(bundle: DataBundle, fraction: float, seed: int) -> tuple
     ``probe_*`` fields are untouched. Deterministic in ``seed``, so every rank holds out the same
     images.
     """
-    from amdim.linear_eval import stratified_split
-
     labels = bundle.train_labels
     labelled = (labels >= 0).nonzero().flatten()
     if len(labelled) < 2:

@@ -1,6 +1,6 @@
 """What a finished training run is judged by, for every launcher (local, Ray Train, study trials).
 
-The offline linear probe of the frozen encoder (spec 6.3, :func:`amdim.linear_eval.evaluate_encoder`)
+The offline linear probe of the frozen encoder (spec 6.3, :func:`evaluate_encoder`)
 and, when the model has mixture components, the segmentation they induce over test images, written
 as a PNG grid (spec section 4). Pure PyTorch: the callers record the results where they belong.
 """
@@ -8,15 +8,35 @@ as a PNG grid (spec section 4). Pure PyTorch: the callers record the results whe
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from amdim import data as data_mod
 from amdim.config import Config
-from amdim.linear_eval import evaluate_encoder
+from amdim.linear_eval import extract_features, linear_probe
 from amdim.model import AMDIM
+
+
+def evaluate_encoder(encoder: nn.Module, bundle: Any, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Extract features of the labelled training set and the test set, then :func:`linear_probe`.
+
+    Args:
+        encoder: the frozen encoder. bundle: an :class:`amdim.data.DataBundle`.
+        cfg: the full :class:`amdim.config.Config` (image size, test transform, probe grid).
+    """
+
+    def batches(images: Any, labels: Tensor) -> Iterable[tuple[Tensor, Tensor]]:
+        return data_mod.eval_loader(
+            images, labels, cfg.aug, cfg.model.image_size, cfg.probe.batch_size, bundle.mean, bundle.std
+        )
+
+    train_x, train_y = extract_features(encoder, batches(bundle.probe_images, bundle.probe_labels), device)
+    test_x, test_y = extract_features(encoder, batches(bundle.test_images, bundle.test_labels), device)
+    return linear_probe(train_x, train_y, test_x, test_y, cfg.probe)
 
 
 def write_segmentation(model: AMDIM, cfg: Config, bundle: Any, out: Path, *, n: int, device) -> Path:

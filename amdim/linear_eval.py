@@ -143,22 +143,3 @@ def linear_probe(
         "feature_dim": int(train_x.shape[1]),
         "epochs": cfg.epochs,
     }
-
-
-def evaluate_encoder(encoder: nn.Module, bundle: Any, cfg: Any, device: torch.device) -> dict[str, Any]:
-    """Extract features of the labelled training set and the test set, then :func:`linear_probe`.
-
-    Args:
-        encoder: the frozen encoder. bundle: an :class:`amdim.data.DataBundle`.
-        cfg: the full :class:`amdim.config.Config` (image size, test transform, probe grid).
-    """
-    from amdim import data as data_mod  # local import: linear_eval stays usable on bare tensors
-
-    def batches(images: Any, labels: Tensor) -> Iterable[tuple[Tensor, Tensor]]:
-        return data_mod.eval_loader(
-            images, labels, cfg.aug, cfg.model.image_size, cfg.probe.batch_size, bundle.mean, bundle.std
-        )
-
-    train_x, train_y = extract_features(encoder, batches(bundle.probe_images, bundle.probe_labels), device)
-    test_x, test_y = extract_features(encoder, batches(bundle.test_images, bundle.test_labels), device)
-    return linear_probe(train_x, train_y, test_x, test_y, cfg.probe)
